@@ -1,0 +1,66 @@
+"""`loraflow <command> ...`: one console script, one row per command.
+
+Each command lives in the module that does its job; that module exposes `add_arguments(parser)` and
+`run(args) -> int`. Only the chosen command's module is imported, so `loraflow --help` is instant and one
+command's optional dependencies never break another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import LoraflowError
+
+# name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loraflow",
+        description="LoRA-Flow: dynamic per-token fusion of LoRA modules. Run `loraflow <command> --help`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<12} {h}" for n, (_, h) in COMMANDS.items()),
+    )
+    p.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands below")
+    p.add_argument("--version", action="version", version=f"loraflow {_version()}")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv[:1] or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"loraflow {name}",
+        description=(module.__doc__ or help_text).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except LoraflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

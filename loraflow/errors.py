@@ -1,0 +1,8 @@
+"""The one exception type for problems a user can fix (bad input, mismatched checkpoints, missing files).
+
+The CLI prints these as `error: <message>` and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class LoraflowError(Exception):
+    """A user-facing error whose message says what was wrong, where (file, line, key) and what to do."""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install loraflow into it.
+#
+# Usage: source-free; run `bash scripts/setup_env.sh [extras]` (default extras: dev). Prints the venv's python path
+# on its last line. Idempotent: a second run only checks that everything is installed.
+#
+# Variables (defaults in brackets):
+#   VENV         [.venv]            where the environment lives
+#   PYTHON       [python3]          interpreter used to create it
+#   TORCH_SPEC   [auto]             the torch requirement. auto = `torch` (a CUDA build) when `nvidia-smi` sees a
+#                                   GPU, else `torch==2.13.0` (the CPU build this project is tested with)
+#   TORCH_INDEX_URL [unset]         extra index for torch, e.g. https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-dev}"
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PYTHON --version 2>&1)" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  spec="${TORCH_SPEC:-auto}"
+  if [ "$spec" = auto ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then spec="torch"; else spec="torch==2.13.0"; fi
+  fi
+  echo "[setup] installing $spec" >&2
+  "$PY" -m pip install -q ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$spec" >&2
+fi
+
+if ! "$PY" -c "import loraflow" 2>/dev/null || [ pyproject.toml -nt "$VENV/.loraflow-installed-$EXTRAS" ]; then
+  echo "[setup] installing loraflow[$EXTRAS] (editable)" >&2
+  "$PY" -m pip install -q -e ".[$EXTRAS]" >&2
+  touch "$VENV/.loraflow-installed-$EXTRAS"
+fi
+echo "$PY"

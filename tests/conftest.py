@@ -1,0 +1,56 @@
+"""Shared fixtures: offline mode, the real data (../shared/data, then data/), tiny models and LoRAs on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_CANDIDATES = (ROOT.parent / "shared" / "data", ROOT / "data")
+NO_DATA = ("the LoRA-Flow data is not here: run `bash scripts/prepare_data.sh` (or put it in ../shared/data) "
+           "to run the tests that need it")
+
+
+def find_data_root() -> Path | None:
+    """The folder holding `loraflow/` (train/dev/test) and `mgsm/`, or a prepared `data/` (train/dev/test)."""
+    for cand in DATA_CANDIDATES:
+        if (cand / "loraflow" / "train").is_dir() or (cand / "train").is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real data; tests that need it skip (saying how to get it) when it is absent."""
+    root = find_data_root()
+    if root is None:
+        pytest.skip(NO_DATA)
+    return root
+
+
+@pytest.fixture(scope="session")
+def loraflow_data(shared_data) -> Path:
+    """The folder with train/ dev/ test/ system_prompts.json."""
+    return shared_data / "loraflow" if (shared_data / "loraflow").is_dir() else shared_data
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """A tiny Llama base saved to disk plus two PEFT LoRAs (ranks 4 and 8) for it: (base_dir, [lora_dirs])."""
+    from loraflow.tiny import save_tiny_loras, tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_pair")
+    base = tiny_model("llama", seed=0)
+    base.save_pretrained(root / "base")
+    loras = save_tiny_loras(lambda: tiny_model("llama", seed=0), root, {"lang_lora": 4, "task_lora": 8})
+    return root / "base", loras
