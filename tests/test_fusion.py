@@ -1,0 +1,202 @@
+"""The fusion core against independent references: PEFT for single/static, a per-LoRA loop for flow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loraflow import FlowModel, LoraflowError
+from loraflow.adapters import load_adapter
+from loraflow.tiny import ARCHS, SEVEN_PROJECTIONS, tiny_lora, tiny_model
+
+ATOL = 1e-5
+
+
+def _ids(batch=2, seq=9, seed=0):
+    return torch.randint(4, 250, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """Per architecture: three saved LoRAs with ranks 4, 8, 16 (the third targets attention only)."""
+    root = tmp_path_factory.mktemp("loras")
+    out = {}
+    for arch in ARCHS:
+        paths = []
+        for i, (r, targets) in enumerate([(4, SEVEN_PROJECTIONS), (8, SEVEN_PROJECTIONS),
+                                          (16, ("q_proj", "k_proj", "v_proj", "o_proj"))]):
+            path = root / f"{arch}_{i}"
+            tiny_lora(tiny_model(arch), path, r=r, seed=10 + i, alpha=8.0 * (i + 1), target_modules=targets)
+            paths.append(path)
+        out[arch] = paths
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_single_mode_equals_peft(arch, loras):
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(tiny_model(arch), str(loras[arch][1])).eval()
+    flow = FlowModel.from_pretrained(tiny_model(arch), [loras[arch][1]], mode="single")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(flow(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_mode_equals_peft_weighted_cat(arch, loras):
+    from peft import PeftModel
+
+    a, b = loras[arch][:2]
+    weights = [0.3, 0.7]
+    peft_model = PeftModel.from_pretrained(tiny_model(arch), str(a), adapter_name="a")
+    peft_model.load_adapter(str(b), adapter_name="b")
+    peft_model.add_weighted_adapter(["a", "b"], weights, "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    flow = FlowModel.from_pretrained(tiny_model(arch), [a, b], mode="static", static_weights=weights)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(flow(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits,
+                                   atol=ATOL, rtol=0)
+
+
+def test_static_with_negative_weight_is_weighted_sum_of_deltas(loras):
+    """Base + sum_i w_i delta_i, checked by linearity: each delta measured alone in single mode."""
+    paths = loras["llama"][:2]
+    flow = FlowModel.from_pretrained(tiny_model("llama"), paths, mode="base")
+    x = torch.randn(2, 5, 64)
+    proj = flow.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        base = proj(x)
+        deltas = []
+        for i in range(2):
+            flow.set_mode("single", lora=i)
+            deltas.append(proj(x) - base)
+        flow.set_mode("static", weights=[-0.4, 1.3])
+        torch.testing.assert_close(proj(x), base - 0.4 * deltas[0] + 1.3 * deltas[1], atol=ATOL, rtol=0)
+
+
+class _ReferenceLinear(nn.Module):
+    """y = base(x) + sum_i w_i s_i B_i A_i x, one LoRA at a time (the original's loop), w from `weights()`."""
+
+    def __init__(self, base, adapters, module, weights):
+        super().__init__()
+        self.base, self.weights = base, weights
+        self.loras = [(i, *a.weights[module], a.scaling(module)) for i, a in enumerate(adapters) if module in a.weights]
+
+    def forward(self, x):
+        w = self.weights()  # (batch, seq, k)
+        y = self.base(x)
+        for i, a, b, s in self.loras:
+            y = y + w[..., i : i + 1] * s * (x @ a.T @ b.T)
+        return y
+
+
+def _reference_flow_model(arch, adapters, gate_params, temperature):
+    """A plain re-implementation: explicit gates on each decoder layer's input, looped LoRAs."""
+    model = tiny_model(arch)
+    current = {}
+    for li, layer in enumerate(model.model.layers):
+        w_mat, b_vec = gate_params[li]
+
+        def gate_hook(module, args, li=li, w_mat=w_mat, b_vec=b_vec):
+            current[li] = torch.softmax(args[0] @ w_mat.T / temperature, dim=-1) + b_vec
+
+        layer.register_forward_pre_hook(gate_hook)
+        for name, mod in list(layer.named_modules()):
+            full = f"model.layers.{li}.{name}"
+            if isinstance(mod, nn.Linear) and any(full in a.weights for a in adapters):
+                parent = layer.get_submodule(name.rsplit(".", 1)[0])
+                setattr(parent, name.rsplit(".", 1)[1],
+                        _ReferenceLinear(mod, adapters, full, lambda li=li: current[li]))
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flow_mode_matches_plain_reference_k3(arch, loras):
+    adapters = [load_adapter(p) for p in loras[arch]]  # ranks 4, 8, 16; the third on attention only
+    flow = FlowModel.from_pretrained(tiny_model(arch), adapters, temperature=1.3)
+    gen = torch.Generator().manual_seed(5)
+    params = []
+    with torch.no_grad():
+        for gate in flow.gates():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 0.5)
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=gen))
+            params.append((gate.weight.clone(), gate.bias.clone()))
+    reference = _reference_flow_model(arch, adapters, params, temperature=1.3)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(flow(input_ids=ids).logits, reference(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_fresh_k2_gate_equals_task_lora(loras):
+    paths = loras["llama"][:2]
+    flow = FlowModel.from_pretrained(tiny_model("llama"), paths)
+    assert [g.bias.tolist() for g in flow.gates()][0] == [-0.5, 0.5]
+    ids = _ids()
+    with torch.no_grad():
+        fused = flow(input_ids=ids).logits
+        flow.set_mode("single", lora=1)
+        torch.testing.assert_close(fused, flow(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_bias_inits_for_general_k(loras):
+    flow = FlowModel.from_pretrained(tiny_model("llama"), loras["llama"], bias_init="one-hot", bias_index=0)
+    x = torch.randn(1, 3, 64)
+    torch.testing.assert_close(flow.gates()[0](x), torch.tensor([1.0, 0.0, 0.0]).expand(1, 3, 3))
+    flow = FlowModel.from_pretrained(tiny_model("llama"), loras["llama"], bias_init="uniform")
+    torch.testing.assert_close(flow.gates()[1](x), torch.full((1, 3, 3), 1 / 3))
+
+
+def test_gate_parameter_count_formula(loras):
+    flow = FlowModel.from_pretrained(tiny_model("llama", layers=3), loras["llama"][:2])
+    hidden, layers, k = 64, 3, 2
+    assert sum(p.numel() for p in flow.gate_parameters()) == layers * (k * hidden + k)
+    # Llama-2-7B, k = 2: the paper's "0.26M"
+    assert 32 * (2 * 4096 + 2) == 262_208
+
+
+def test_bf16_base_keeps_fp32_gates_and_bf16_output(loras):
+    flow = FlowModel.from_pretrained(tiny_model("llama"), loras["llama"][:2], torch_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in flow.gate_parameters())
+    proj = flow.model.model.layers[0].mlp.down_proj
+    assert proj.lora_A.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = flow(input_ids=_ids())
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.logits.float()).all()
+
+
+def test_set_mode_errors(loras):
+    flow = FlowModel.from_pretrained(tiny_model("llama"), loras["llama"][:2])
+    with pytest.raises(LoraflowError, match="needs 2 weights"):
+        flow.set_mode("static", weights=[1.0])
+    with pytest.raises(LoraflowError, match="no LoRA named"):
+        flow.set_mode("single", lora="nope")
+    with pytest.raises(LoraflowError, match="choose one of"):
+        flow.set_mode("hub")
+
+
+def test_base_mode_equals_plain_model(loras):
+    flow = FlowModel.from_pretrained(tiny_model("llama"), loras["llama"][:2], mode="base")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(flow(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits)
+
+
+def test_recording_gate_weights(loras):
+    flow = FlowModel.from_pretrained(tiny_model("llama"), loras["llama"][:2])
+    with torch.no_grad():
+        for gate in flow.gates():
+            gate.weight.normal_(0, 0.5)
+    ids = _ids(batch=1, seq=6)
+    with flow.record_gates() as rec, torch.no_grad():
+        out = flow.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    weights = rec.weights(row=0)  # (layers, tokens, k)
+    assert weights.shape == (2, out.shape[1] - 1, 2)
+    # the first prompt positions' weights are the gate applied to the embeddings (layer 0 input)
+    with torch.no_grad():
+        x0 = flow.model.model.embed_tokens(ids)
+        torch.testing.assert_close(weights[0, :6], flow.gates()[0](x0)[0])
+    assert not torch.allclose(weights[0, :, 0], weights[0, :1, 0].expand(weights.shape[1]))  # varies per token
