@@ -27,6 +27,14 @@ COUNTS = {("train", "math"): 200, ("train", "code"): 200, ("dev", "math"): 100, 
 
 
 @pytest.fixture(scope="module")
+def mgsm_src(shared_data) -> Path:
+    """The folder of mgsm_{lang}.tsv (absent when the tests found only a prepared data/)."""
+    if not (shared_data / "mgsm").is_dir():
+        pytest.skip("no mgsm/ folder next to the LoRA-Flow data")
+    return shared_data / "mgsm"
+
+
+@pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
 
@@ -51,10 +59,10 @@ def test_release_files_validate_with_expected_counts(loraflow_data, split, task)
         assert all(isinstance(r["id"], str) for r in records)
 
 
-def test_ids_follow_the_contract(loraflow_data, shared_data):
+def test_ids_follow_the_contract(loraflow_data, mgsm_src):
     humaneval = D.load_split(loraflow_data, "zh", "code", "test")
     assert [r["id"] for r in humaneval] == [f"HumanEval/{i}" for i in range(164)]
-    mgsm = D.read_mgsm_tsv(shared_data / "mgsm" / "mgsm_en.tsv")
+    mgsm = D.read_mgsm_tsv(mgsm_src / "mgsm_en.tsv")
     assert [r["id"] for r in mgsm] == [str(i) for i in range(250)]
     assert mgsm[0]["answer"] == "18" and mgsm[0]["question"].startswith("Janet")
     assert [r["id"] for r in D.load_split(loraflow_data, "ru", "math", "test")][:3] == ["0", "1", "2"]
@@ -272,9 +280,9 @@ def digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_prepare_data_builds_a_valid_tree_and_reruns(loraflow_data, shared_data, tmp_path):
+def test_prepare_data_builds_a_valid_tree_and_reruns(loraflow_data, mgsm_src, tmp_path):
     out = tmp_path / "data"
-    first = prepare(out, loraflow_data, shared_data / "mgsm")
+    first = prepare(out, loraflow_data, mgsm_src)
     assert first.returncode == 0, first.stderr
     assert "+ " in first.stderr and "data prepare" in first.stderr  # the command is echoed
     assert len(digests(out)) == 20 and (out / "test" / "en_math_test.jsonl").is_file()
@@ -282,7 +290,7 @@ def test_prepare_data_builds_a_valid_tree_and_reruns(loraflow_data, shared_data,
     for path in (loraflow_data / "train").iterdir():  # the release's files are copied byte for byte
         assert (out / "train" / path.name).read_bytes() == path.read_bytes()
     assert "test/en_math_test.jsonl    test-math         250  converted" in first.stdout
-    again = prepare(out, loraflow_data, shared_data / "mgsm")
+    again = prepare(out, loraflow_data, mgsm_src)
     assert again.returncode == 0 and again.stdout.count("unchanged") == 20
     assert cli.main(["data", "check", str(out)]) == 0
 
@@ -291,27 +299,27 @@ def test_prepare_data_builds_a_valid_tree_and_reruns(loraflow_data, shared_data,
     (lambda lines: lines[:4] + ['{"id": 1, "query": "broken'] + lines[5:], 5, "invalid JSON"),
     (lambda lines: lines[:9] + [json.dumps({"id": 1, "query": "q"})] + lines[10:], 10, "missing field 'response'"),
 ])
-def test_prepare_data_refuses_a_corrupted_source_and_keeps_the_output(loraflow_data, shared_data, tmp_path,
+def test_prepare_data_refuses_a_corrupted_source_and_keeps_the_output(loraflow_data, mgsm_src, tmp_path,
                                                                       damage, line, message):
     src, out = tmp_path / "src", tmp_path / "data"
     shutil.copytree(loraflow_data, src)
-    assert prepare(out, src, shared_data / "mgsm").returncode == 0
+    assert prepare(out, src, mgsm_src).returncode == 0
     before = digests(out)
     bad = src / "train" / "es_math_train.jsonl"
     bad.write_text("\n".join(damage(bad.read_text(encoding="utf-8").split("\n"))), encoding="utf-8")
-    result = prepare(out, src, shared_data / "mgsm", FORCE="1")
+    result = prepare(out, src, mgsm_src, FORCE="1")
     assert result.returncode != 0 and f"{bad}:{line}: {message}" in result.stderr
     assert digests(out) == before
 
 
-def test_prepare_data_never_clobbers_a_different_file(loraflow_data, shared_data, tmp_path):
+def test_prepare_data_never_clobbers_a_different_file(loraflow_data, mgsm_src, tmp_path):
     out = tmp_path / "data"
     target = out / "dev" / "zh_math_dev.jsonl"
     write(target, [{"question": "mine", "answer": "1"}])
-    result = prepare(out, loraflow_data, shared_data / "mgsm")
+    result = prepare(out, loraflow_data, mgsm_src)
     assert result.returncode != 0 and str(target) in result.stderr and "FORCE=1" in result.stderr
     assert not (out / "train").exists() and D.read_records(target)[0]["question"] == "mine"
-    forced = prepare(out, loraflow_data, shared_data / "mgsm", FORCE="1")
+    forced = prepare(out, loraflow_data, mgsm_src, FORCE="1")
     assert forced.returncode == 0 and "overwritten" in forced.stdout and len(D.read_records(target)) == 100
 
 
