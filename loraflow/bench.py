@@ -12,7 +12,6 @@ same output.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
