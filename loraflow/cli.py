@@ -15,6 +15,8 @@ from .errors import LoraflowError
 
 # name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-models": ("loraflow.release", "download and check the released LoRAs and gates, convert the gates"),
+    "convert": ("loraflow.convert_cli", "convert LoRAs, base models and gates to/from the original formats"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
 }
 
