@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from . import __version__
 from . import convert as C
 from .errors import LoraflowError
 from .files import atomic_write_json, load_tensors, read_json, save_tensors
+from .release import release_gate_metadata
 from .shards import ShardWriter, TensorSource, parse_size, save_pickle, staged_output
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -38,9 +38,6 @@ MC_WEIGHTS = ("pytorch_model.pt", "model.safetensors")
 AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
              "added_tokens.json", "chat_template.jinja", "generation_config.json")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# The released gates (SPEC §1): LoRA order is [language, task]; zh-math and ru-math were run at T = 1.1.
-RELEASE_GATE = re.compile(r"^(?P<lang>zh|ru|es)_(?P<task>math|code)$")
-RELEASE_TEMPERATURE = {"zh_math": 1.1, "ru_math": 1.1}
 
 
 def _say(msg: str) -> None:
@@ -173,17 +170,9 @@ def loraflow_gate_paths(path) -> tuple[Path, Path]:
     return path / "gate.safetensors", path / "gate.json"
 
 
-def release_gate_metadata(name: str) -> dict:
-    """LoRA names and temperature of a released gate named like `zh_math`; {} for any other name."""
-    m = RELEASE_GATE.match(name)
-    if not m:
-        return {}
-    return {"lora_names": [f"{m['lang']}_lora", f"{m['task']}_lora"], "temperature": RELEASE_TEMPERATURE.get(name, 1.0)}
-
-
 def convert_gate(src, out, to: str, *, lora_names=None, temperature: float | None = None,
                  base_model: str | None = None, lora_ids=None, base_config: dict | None = None,
-                 dtype: torch.dtype = torch.float16, extra: dict | None = None, force: bool = False) -> str:
+                 dtype: torch.dtype = torch.float16, force: bool = False) -> str:
     """Original gate `.pt` <-> loraflow gate (safetensors + JSON). Returns the publish status.
 
     Without `lora_names`/`temperature`, a released gate's file name (`zh_math.pt`) gives them (language LoRA
@@ -207,7 +196,7 @@ def convert_gate(src, out, to: str, *, lora_names=None, temperature: float | Non
                 "temperature": temperature if temperature is not None else known.get("temperature", 1.0),
                 "base_model": base_model, "lora_ids": list(lora_ids) if lora_ids else None,
                 "loraflow_version": __version__, "source": src.name,
-                "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(), **(extra or {})}
+                "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
         tensor_path, json_path = loraflow_gate_paths(out)
         files = None if tensor_path.parent == out else [tensor_path.name, json_path.name]
         with staged_output(out, force, files) as stage:

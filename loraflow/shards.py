@@ -80,16 +80,14 @@ class TensorSource:
                             f"the folder holds {there}")
 
     def _load(self, shard: Path) -> dict[str, torch.Tensor]:
-        if shard in self._cache:
-            return self._cache[shard]
+        if shard in self._cache:  # read once for `shapes()`; handed over (not kept) for the conversion
+            return self._cache.pop(shard)
         tensors = load_tensors(shard)
         if self.weight_map is not None:
             listed = {k for k, f in self.weight_map.items() if f == shard.name}
             if set(tensors) != listed:
                 extra, absent = sorted(set(tensors) - listed)[:5], sorted(listed - set(tensors))[:5]
                 raise LoraflowError(f"{shard}: tensors differ from its index (extra {extra}, absent {absent})")
-        if len(self.shards) == 1:
-            self._cache[shard] = tensors  # the only shard: read once, used for names and for the conversion
         return tensors
 
     def shapes(self) -> dict[str, tuple[int, ...] | None]:
@@ -104,7 +102,10 @@ class TensorSource:
                 with safe_open(str(shard), framework="pt") as f:
                     part = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
             else:
-                part = {k: tuple(v.shape) for k, v in self._load(shard).items()}
+                tensors = self._load(shard)
+                if len(self.shards) == 1:
+                    self._cache[shard] = tensors  # the only shard: keep it for `iter_shards`, don't read it twice
+                part = {k: tuple(v.shape) for k, v in tensors.items()}
             dup = sorted(set(part) & set(out))
             if dup:
                 raise LoraflowError(f"{shard}: tensors also found in another shard: {dup[:5]}")
