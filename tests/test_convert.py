@@ -16,7 +16,7 @@ from loraflow import convert as C
 from loraflow.convert_cli import convert_base, convert_gate, convert_lora
 from loraflow.errors import LoraflowError
 from loraflow.files import load_tensors
-from loraflow.shards import TensorSource, parse_size
+from loraflow.shards import ShardWriter, TensorSource, parse_size
 from loraflow.tiny import tiny_lora, tiny_model
 
 TOKENS = torch.tensor([[1, 70, 71, 72, 90, 100, 5], [1, 8, 9, 10, 11, 12, 13]])
@@ -319,10 +319,18 @@ def test_cli_convert_and_errors(tmp_path, capsys):
         assert "--to" in capsys.readouterr().out
 
 
-def test_parse_size():
+def test_shard_writer_holds_at_most_one_shard_and_indexes_them(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536 and parse_size("0") is None
     with pytest.raises(LoraflowError):
         parse_size("lots")
+    writer = ShardWriter(tmp_path, "model.safetensors", max_shard_bytes=4000)
+    tensors = {f"t{i}": torch.full((300,), float(i)) for i in range(10)}  # 1200 bytes each
+    for key, tensor in tensors.items():
+        writer.add(key, tensor[:])  # a view: written as its own tensor, not its whole storage
+        assert writer.buffer_bytes <= 4000
+    names = writer.close()
+    assert names[-1] == "model.safetensors.index.json" and names[0] == "model-00001-of-00004.safetensors"
+    _assert_same(TensorSource(tmp_path, ["model.safetensors"]).load_all(), tensors)
 
 
 def test_bad_shape_in_a_late_pickle_shard_writes_nothing(base, base_config, tmp_path):
