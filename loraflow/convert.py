@@ -337,6 +337,7 @@ MC_DEFAULTS = {"vocab_size": 32000, "norm_eps": 1e-6, "tied": False}  # ModelCen
 # silently change what it computes, so it is refused.
 HF_FIXED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
             "rope_type": "default", "rope_theta": 10000.0}
+LLAMA_DEFAULTS = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
 # Used for the Hugging Face fields ModelCenter does not record, when no reference HF config is at hand.
 HF_FILL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
            "max_position_embeddings": 4096, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2}
@@ -351,7 +352,7 @@ def _hf_value(config: Mapping, key: str):
         return config.get(key) or config.get("num_attention_heads")
     if key == "head_dim":
         return config.get(key) or config["hidden_size"] // config["num_attention_heads"]
-    return config.get(key, {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}.get(key))
+    return config.get(key, LLAMA_DEFAULTS.get(key))
 
 
 def base_config_hf_to_modelcenter(hf_config: Mapping) -> dict:
@@ -375,15 +376,15 @@ def base_config_modelcenter_to_hf(mc_config: Mapping, reference: Mapping | None 
     mc = {**MC_DEFAULTS, **mc_config}
     if mc.get("num_heads_kv") in (None, -1):
         mc["num_heads_kv"] = mc["num_heads"]
-    out = dict(reference) if reference is not None else dict(HF_FILL)
     derived = {hf: mc[k] for k, hf in BASE_CONFIG_FIELDS}
-    if reference is not None:
-        clash = {hf: (_hf_value(reference, hf), v) for hf, v in derived.items() if _hf_value(reference, hf) != v}
-        if clash:
-            raise LoraflowError(f"the reference Hugging Face config disagrees with the ModelCenter config "
-                                f"(field: (reference, modelcenter)): {clash}")
-    out.update(derived)
-    return out
+    if reference is None:
+        return {**HF_FILL, **derived}
+    reference = dict(reference)
+    clash = {hf: (_hf_value(reference, hf), v) for hf, v in derived.items() if _hf_value(reference, hf) != v}
+    if clash:
+        raise LoraflowError(f"the reference Hugging Face config disagrees with the ModelCenter config "
+                            f"(field: (reference, modelcenter)): {clash}")
+    return reference  # it already implies every derived value: returned as is, so a round trip is exact
 
 
 def _base_plan(shapes, dims, rows, head: Row, tied: bool, what: str, drop=(), partial=False):

@@ -199,6 +199,15 @@ def test_unrepresentable_hf_configs_are_refused(base_config):
     with pytest.raises(LoraflowError, match="disagrees.*hidden_size"):
         C.base_config_modelcenter_to_hf(mc, {**base_config, "hidden_size": 128})
     assert C.base_config_modelcenter_to_hf(mc, base_config) == base_config
+    llama2 = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": 32000,
+              "rope_scaling": None, "tie_word_embeddings": False, "max_position_embeddings": 4096}
+    mc = C.base_config_hf_to_modelcenter(llama2)
+    assert (mc["dim_head"], mc["num_heads_kv"], mc["norm_eps"]) == (128, 32, 1e-5)
+    assert C.base_config_modelcenter_to_hf(mc, llama2) == llama2
+    original = {k: mc[k] for k in ("dim_model", "dim_ff", "num_layers", "num_heads", "num_heads_kv", "dim_head",
+                                   "norm_eps")}  # what the original's transform script wrote
+    assert C.hf_dims(C.base_config_modelcenter_to_hf(original)) == C.hf_dims(llama2)
 
 
 # ----------------------------------------------------------------------------------------------- gates
