@@ -132,4 +132,5 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
             save_file(tensors, str(tmp), metadata=metadata)
         else:
-            torch.save(tensors, tmp)
+            with open(tmp, "wb") as f:  # a handle, so the archive name inside is not the random temp name
+                torch.save(tensors, f)
