@@ -16,6 +16,7 @@ from .errors import LoraflowError
 # name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
+    "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),
 }
 
 
