@@ -1,8 +1,10 @@
 """Run untrusted, model-written Python programs and say whether they passed: defence in depth, NOT a security boundary.
 
-Every program runs in a fresh `python -I` (isolated mode) subprocess, in its own session and process group, with a
-fresh temporary directory as cwd (deleted afterwards), stdin closed and a scrubbed environment (a minimal PATH,
-LANG, HOME = TMPDIR = the temp dir; nothing else of the evaluator's environment, so no tokens or keys). A small
+Every program runs in a fresh `python -I -S` subprocess of the running interpreter (isolated mode; no `site`, whose
+.pth files would run code and cost time: the bootstrap appends the site-packages folders to sys.path instead), in
+its own session and process group, with a fresh temporary directory as cwd (deleted afterwards), stdin closed and a
+scrubbed environment (a minimal PATH, LANG, HOME = TMPDIR = the temp dir; nothing else of the evaluator's
+environment, so no tokens or keys). The program's code runs with `__name__ == "__program__"`. A small
 bootstrap (`_bootstrap.py`) sets up the limits and executes the program; it passes only if a random per-run
 sentinel, which the bootstrap writes *after* the program's code returned without an exception, reaches the
 evaluator on stdout and the exit status is 0. `sys.exit(0)`, `os._exit(0)`, a crash or a kill before the tests
@@ -120,8 +122,10 @@ def run_sandboxed(program: str, timeout: float = 3.0, *, allow_code_execution: b
                 pass_fds=(read_end,), start_new_session=True)
         finally:
             os.close(read_end)
+        payload = memoryview(marshal.dumps(config))
         with contextlib.suppress(BrokenPipeError):  # a child that died at once is judged by its exit status
-            os.write(write_end, marshal.dumps(config))  # the child reads all of it before anything else
+            while payload:  # the child reads all of it before doing anything else
+                payload = payload[os.write(write_end, payload):]
         os.close(write_end)
         write_end = None
         why, out, err = _collect(proc, start + timeout + limits.grace, limits.output_bytes)

@@ -141,7 +141,12 @@ def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, d
             rows.append({"question": question, "answer": answer})
     else:
         rows = read_jsonl(path)
-    return str(path), {str(r["task_id"]) if "task_id" in r else str(i): r for i, r in enumerate(rows)}
+    items = {}
+    for i, row in enumerate(rows):
+        key = str(row["task_id"]) if "task_id" in row else str(i)
+        if items.setdefault(key, row) != row:  # identical duplicates (zh/es code dev) collapse into one item
+            raise LoraflowError(f"{path}: id {key!r} appears twice with different contents")
+    return str(path), items
 
 
 def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
