@@ -202,6 +202,7 @@ def _runner(cfg, libc, isolation, nproc_base):
         write(err, f"{nonce} result timed out\n".encode())
         exit_(3)
     except BaseException as e:
+        setitimer(real, 0)
         try:
             detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except BaseException:
@@ -267,6 +268,7 @@ def main():
             continue
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
+
 
 if __name__ == "__main__":
     main()

@@ -21,17 +21,21 @@ Enforced on Linux when the kernel permits (as root, or with unprivileged user na
 `isolation` list says what was applied to that run, and `sandbox_capabilities()` probes it once:
 - `net`: a new, empty network namespace (no interface but a down loopback): no network at all;
 - `pid` + `private-proc`: a new PID namespace whose init is the program's process, so the program cannot see or
-  signal any process outside (its parent pid is 0), and every process it started dies with it;
+  signal any process outside (its parent pid is 0), and every process it started dies with it (also one that
+  left the process group with setsid()); /proc is remounted read-only and shows only those processes;
 - `mount` + `readonly-fs`: every mount read-only, nosuid, nodev except the temp dir and /dev/{null,zero,random,
   urandom}, so files outside the temp dir cannot be written or deleted; `ipc`, `uts`: private SysV IPC, hostname;
 - `no-capabilities`: all capabilities dropped (bounding set too) and no_new_privs, so even as root the program
-  cannot remount, unshare again, load modules or regain privileges through exec;
+  cannot remount (the read-only mounts stay locked in any nested user namespace it may create), raise its
+  limits, load kernel modules or regain privileges through exec;
 - `cgroup-pids`: a per-run pids cgroup (when its hierarchy is writable, e.g. as root) caps the number of processes,
   the only fork-bomb limit that binds root; `rlimit-nproc`: RLIMIT_NPROC = the user's current process count +
   `max_processes` (non-root only: the kernel never enforces RLIMIT_NPROC for uid 0).
 
-NOT enforced: without namespaces the program can read and write whatever the user can (files, other processes
-of the user, the network) and a process that calls setsid() can outlive the run; memory is limited per process
+NOT enforced: reading. The program can read every file the user can (as root: all of them, tokens under ~/.cache
+included) and put what it read in its output or exception message, which ends up in the scored file's `detail`.
+Without namespaces it can also write whatever the user can, signal the user's processes (the evaluator too) and
+use the network, and a process that calls setsid() can outlive the run. Memory is limited per process
 (RLIMIT_AS), not per run; a program that deliberately attacks the harness from the inside (returns an object equal
 to everything, traces `check`'s frame, hunts the nonce in the interpreter's memory) can still "pass"; the kernel
 itself is shared. As root without a writable pids cgroup a fork bomb is stopped only by the timeout. For more, run

@@ -80,8 +80,8 @@ def run(args) -> int:
     counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
               "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
     results = {
-        "task": args.task, "language": language, "split": _single(predictions, "split", None) or task.split,
-        "method": _single(predictions, "method", None), "metrics": metrics, "counts": counts,
+        "task": args.task, "language": language, "split": _single(predictions, "split", args.predictions)
+        or task.split, "method": _single(predictions, "method", args.predictions), "metrics": metrics, "counts": counts,
         "predictions": str(args.predictions), "data": str(data_path),
         "scored_predictions": str(_scored_path(args.predictions)),
         "config": {"timeout": args.timeout, "workers": args.workers, "sandbox": sandbox} if task.kind == "code"
@@ -199,7 +199,7 @@ def _single(predictions, field: str, path) -> str | None:
     """The one value of `field` across the predictions; None when absent; an error when they disagree."""
     values = {row.get(field) for _, row in predictions} - {None}
     if len(values) > 1:
-        raise LoraflowError(f"{path or 'predictions'}: mixed `{field}` values {sorted(map(str, values))}: "
+        raise LoraflowError(f"{path}: mixed `{field}` values {sorted(map(str, values))}: "
                             f"score one {field} at a time" + (f" or pass --{field}" if field == "language" else ""))
     return next(iter(values), None)
 
