@@ -18,6 +18,7 @@ HumanEval and MBPP run model-written code: they need --allow-code-execution (see
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections import defaultdict
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ def run(args) -> int:
         from .sandbox import require_opt_in
 
         require_opt_in(args.allow_code_execution)
+        if not args.timeout > 0 or (args.workers is not None and args.workers < 1):
+            raise LoraflowError(f"--timeout must be > 0 and --workers >= 1, got {args.timeout} and {args.workers}")
+        args.workers = args.workers or os.cpu_count() or 1
     predictions = read_predictions(args.predictions)
     language = args.language or _single(predictions, "language", args.predictions)
     data_path, data = _load_data(args, task, language)
@@ -79,13 +83,13 @@ def run(args) -> int:
     ids = {row["id"] for _, row in predictions}
     counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
               "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
+    split = _single(predictions, "split", args.predictions) or task.split
+    method = _single(predictions, "method", args.predictions)
+    config = {"timeout": args.timeout, "workers": args.workers, "sandbox": sandbox} if task.kind == "code" else {}
     results = {
-        "task": args.task, "language": language, "split": _single(predictions, "split", args.predictions)
-        or task.split, "method": _single(predictions, "method", args.predictions), "metrics": metrics, "counts": counts,
-        "predictions": str(args.predictions), "data": str(data_path),
-        "scored_predictions": str(_scored_path(args.predictions)),
-        "config": {"timeout": args.timeout, "workers": args.workers, "sandbox": sandbox} if task.kind == "code"
-        else {}, "versions": _versions(),
+        "task": args.task, "language": language, "split": split, "method": method, "metrics": metrics,
+        "counts": counts, "predictions": str(args.predictions), "data": str(data_path),
+        "scored_predictions": str(_scored_path(args.predictions)), "config": config, "versions": _versions(),
     }
     atomic_write_text(_scored_path(args.predictions),
                       "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
