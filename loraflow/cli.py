@@ -16,6 +16,7 @@ from .errors import LoraflowError
 # name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("loraflow.prepare", "validate data files; build data/ from the release and MGSM (check, prepare)"),
+    "train": ("loraflow.train", "train the LoRA-Flow gates of a language–task pair (torchrun for several GPUs)"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
     "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
 }

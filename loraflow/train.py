@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .data import IGNORE_INDEX, collate
 from .distributed import (
     DistInfo,
     all_reduce_gate_grads,
@@ -58,7 +59,6 @@ from .train_state import (
     set_rng_state,
 )
 
-IGNORE_INDEX = -100
 KILL_AFTER_STEP = "LORAFLOW_TEST_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that optimizer step
 # Fields a resumed run may change; anything else must match the saved config (it changes the numbers).
 RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "save_every", "log_every", "grad_ckpt", "out_dir", "device"}
@@ -124,10 +124,51 @@ def load_model(cfg: TrainConfig, info: DistInfo):
 
 
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """Tokenised (train, dev) examples: dicts of `input_ids` and `labels` (-100 on the prompt)."""
-    from .data import build_examples
+    """Tokenised (train, dev) examples, dicts of `input_ids` and `labels` (-100 on the prompt), via `data.py`.
 
-    return build_examples(cfg, tokenizer)
+    Train: --train-file (kind from its name `{lang}_{task}_train.jsonl`, else generic prompt/response), or
+    DATA_ROOT/train/{language}_{task}_train.jsonl. Dev: --dev-file, or DATA_ROOT/dev/{language}_{task}_dev.jsonl when
+    it exists (math dev: question → worked answer; code dev: MBPP text → code). Prompts: `cfg.prompt_style` with the
+    pair's system prompt. Truncation to --max-len: `data.encode_example` (the prompt loses tokens from its left).
+    """
+    from .data import infer_kind, load_split, load_system_prompts, read_records, split_path, training_example
+    from .prompts import system_prompt
+
+    def read(path):
+        try:
+            kind = infer_kind(path)
+        except LoraflowError:
+            kind = "generic"  # any other file name: {"prompt": ..., "response": ...} per line
+        return read_records(path, kind)
+
+    if cfg.train_file:
+        train_records = read(cfg.train_file)
+    else:
+        train_records = load_split(cfg.data_root, cfg.language, cfg.task, "train")
+    dev_records = []
+    if cfg.dev_file and not cfg.no_dev:
+        dev_records = read(cfg.dev_file)
+    elif cfg.pair and not cfg.no_dev and split_path(cfg.data_root, cfg.language, cfg.task, "dev").is_file():
+        dev_records = load_split(cfg.data_root, cfg.language, cfg.task, "dev")
+    system = cfg.system_prompt
+    if system is None:
+        if cfg.pair is None:
+            raise LoraflowError("--train-file without --language/--task: give the --system-prompt text too")
+        prompts_file = Path(cfg.data_root) / "system_prompts.json"
+        system = system_prompt(load_system_prompts(cfg.data_root) if prompts_file.is_file() else {},
+                               cfg.language, cfg.task)
+
+    def encode(records, limit):
+        out = []
+        for record in records[:limit]:
+            try:
+                out.append(training_example(tokenizer, record, records.kind, system, style=cfg.prompt_style,
+                                            max_len=cfg.max_len, cot_suffix=cfg.cot_suffix))
+            except LoraflowError as e:
+                raise LoraflowError(f"{records.path}: record {record['id']}: {e}") from None
+        return out
+
+    return encode(train_records, cfg.limit), encode(dev_records, cfg.dev_limit)
 
 
 def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: list[dict], pad_id: int) -> dict:
@@ -248,9 +289,9 @@ def train_step(flow, optimizer, micro: list[list[dict]], pad_id: int, lr: float,
                             "raise --max-len")
     loss_sum, seen = 0.0, 0
     for batch in micro:
-        inputs = collate(batch, pad_id, info.device)
+        inputs = batch_inputs(batch, pad_id, info.device)
         with autocast:
-            out = flow(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            out = flow(**model_inputs(inputs))
         token_loss = summed_token_loss(out.logits, inputs["labels"]) if batch else out.logits.sum() * 0.0
         (token_loss / n_tokens).backward()
         loss_sum += token_loss.item()
@@ -278,10 +319,9 @@ def evaluate(flow, examples: list[dict], batch_size: int, pad_id: int, autocast,
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
     for b in range(n_batches):
         batch = mine[b * batch_size:(b + 1) * batch_size]
-        inputs = collate(batch, pad_id, info.device)
+        inputs = batch_inputs(batch, pad_id, info.device)
         with autocast:
-            logits = flow(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                          use_cache=False).logits
+            logits = flow(**model_inputs(inputs)).logits
         if batch:
             totals[0] += summed_token_loss(logits, inputs["labels"]).double()
             totals[1] += sum(response_tokens(ex) for ex in batch)
@@ -302,21 +342,19 @@ def response_tokens(example: dict) -> int:
     return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
 
 
-def collate(batch: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example; an empty one becomes a single padding token."""
-    width = max((len(ex["input_ids"]) for ex in batch), default=1)
-    rows = max(len(batch), 1)
-    out = {"input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
-           "attention_mask": torch.zeros((rows, width), dtype=torch.long),
-           "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)}
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        out["input_ids"][i, :n] = torch.as_tensor(ex["input_ids"])
-        out["labels"][i, :n] = torch.as_tensor(ex["labels"])
-        out["attention_mask"][i, :n] = 1
-    if not batch:
-        out["attention_mask"][0, 0] = 1
-    return {k: v.to(device) for k, v in out.items()}
+def batch_inputs(batch: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to its longest example (`data.collate`); an empty one becomes one padding token."""
+    if batch:
+        inputs = collate(batch, pad_id, padding_side="right")
+    else:
+        inputs = {"input_ids": torch.full((1, 1), pad_id), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                  "labels": torch.full((1, 1), IGNORE_INDEX), "position_ids": torch.zeros(1, 1, dtype=torch.long)}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict:
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+            "position_ids": inputs["position_ids"], "use_cache": False}
 
 
 def best_epoch(history: list[dict]) -> int | None:
