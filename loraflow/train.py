@@ -178,6 +178,11 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
     log = print if master else (lambda *a, **k: None)
     if not train_set:
         raise LoraflowError("no training examples")
+    for name, examples in (("training", train_set), ("dev", dev_set)):
+        empty = [i for i, ex in enumerate(examples) if response_tokens(ex) == 0]
+        if empty:
+            raise LoraflowError(f"{len(empty)} {name} example(s) have no response token to learn from (first: "
+                                f"#{empty[0]}); check the data and --max-len")
     params = flow.gate_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
@@ -243,13 +248,11 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
             history.append({"epoch": epoch + 1, "dev_loss": dev_loss})
             metrics.write(step=step + 1, epoch=epoch + 1, dev_loss=dev_loss)
             if master:
+                bar.write(f"[train] epoch {epoch + 1}/{cfg.epochs} done at step {step + 1}: dev loss {dev_loss}")
                 save_gate_folder(flow, run_dir / f"epoch_{epoch + 1}", epoch=epoch + 1, step=step + 1,
                                  dev_loss=dev_loss, train_config=cfg.to_dict())
-                best = best_epoch(history)
-                if best == epoch + 1:
-                    export_gate(run_dir / f"epoch_{best}", Path(cfg.out_dir) / f"{cfg.run_name}.safetensors")
-            if master:
-                bar.write(f"[train] epoch {epoch + 1}/{cfg.epochs} done at step {step + 1}: dev loss {dev_loss}")
+                if best_epoch(history) == epoch + 1:
+                    export_gate(run_dir / f"epoch_{epoch + 1}", Path(cfg.out_dir) / f"{cfg.run_name}.safetensors")
             save_state(step + 1)
         elif cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_state(step + 1)
@@ -284,9 +287,6 @@ def train_step(flow, optimizer, micro: list[list[dict]], pad_id: int, lr: float,
     params = flow.gate_parameters()
     local = sum(response_tokens(ex) for batch in micro for ex in batch)
     n_tokens = all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64, device=info.device)).item()
-    if n_tokens == 0:
-        raise LoraflowError("an optimizer step has no response tokens: every example's response was truncated away; "
-                            "raise --max-len")
     loss_sum, seen = 0.0, 0
     for batch in micro:
         inputs = batch_inputs(batch, pad_id, info.device)

@@ -2,7 +2,9 @@
 
     OUT_DIR/RUN_NAME/
       config.json              the resolved TrainConfig (+ versions, trainable parameter count)
-      metrics.jsonl            one line per logged step (loss, lr, grad_norm, tokens/s) and per dev evaluation
+      metrics.jsonl            one line per logged step: step, epoch, lr, loss (mean over the step's response
+                               tokens), grad_norm (before clipping), tokens (non-padding, all processes),
+                               response_tokens, tokens_per_s; and one per epoch: step, epoch, dev_loss
       state/                   the latest training state: trainer.pt (step, data position, optimizer, gates,
                                dev history, config) + rng_rank{r}.pt (each process's RNG states)
       epoch_{n}/               gate.safetensors + gate.json after epoch n

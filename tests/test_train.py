@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -158,6 +159,24 @@ def test_gradient_accumulation_equals_a_bigger_batch(world, tmp_path):
     train(world.config(tmp_path / "b4", batch_per_device=4, total_batch=None))
     train(world.config(tmp_path / "b2x2", batch_per_device=2, grad_accum=2, total_batch=None))
     assert_same_gate(tmp_path / "b2x2" / "zh_math" / "final", tmp_path / "b4" / "zh_math" / "final")
+
+
+def test_max_steps_stop_resumes_and_checkpointing_changes_nothing(world, tmp_path):
+    train(world.config(tmp_path / "straight"))
+    first = train(world.config(tmp_path / "split", max_steps=3, grad_ckpt=True))  # stops mid-epoch 2
+    assert first["steps"] == 3 and first["epochs_done"] == 1
+    assert (tmp_path / "split" / "zh_math" / "final").is_dir()
+    train(world.config(tmp_path / "split", resume=True))
+    assert_same_gate(tmp_path / "split" / "zh_math" / "final", tmp_path / "straight" / "zh_math" / "final")
+    with pytest.raises(LoraflowError, match=r"other settings \(lr: 0.05 -> 0.01\)"):
+        train(world.config(tmp_path / "split", resume=True, lr=1e-2))
+
+
+def test_bf16_autocast_runs(world, tmp_path):
+    summary = train(world.config(tmp_path, precision="bf16", max_steps=2))
+    loss = [r["loss"] for r in read_metrics(tmp_path / "zh_math") if "loss" in r]
+    assert summary["steps"] == 2 and all(math.isfinite(x) for x in loss)
+    assert json.loads((tmp_path / "zh_math" / "config.json").read_text())["precision"] == "bf16"
 
 
 @pytest.mark.slow
