@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-models": ("loraflow.release", "download and check the released LoRAs and gates, convert the gates"),
     "data": ("loraflow.prepare", "validate data files; build data/ from the release and MGSM (check, prepare)"),
     "convert": ("loraflow.convert_cli", "convert LoRAs, base models and gates to/from the original formats"),
+    "train": ("loraflow.train", "train the LoRA-Flow gates of a language–task pair (torchrun for several GPUs)"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
     "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
     "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),

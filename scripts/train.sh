@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Train the LoRA-Flow gates of one language–task pair: the original interface, a thin wrapper over `loraflow train`.
+#
+# Usage: [VAR=value ...] bash scripts/train.sh <language> <task> <lr> <batch_per_device> <master_port> [extra flags]
+#   e.g. CUDA_VISIBLE_DEVICES=0,1 bash scripts/train.sh zh math 1e-3 2 12350
+#        (2 GPUs × 2 per device × FREQ 1 = total batch 4, the published zh-math setting)
+#   Extra flags go to `loraflow train` unchanged (see `loraflow train --help`), e.g. --resume or --limit 16.
+#
+# Processes: one per id in CUDA_VISIBLE_DEVICES (every visible GPU when it is unset). Without a GPU (no nvidia-smi,
+# or a CPU-only torch): NPROC CPU processes with the gloo backend. Total batch = batch_per_device × processes × FREQ.
+#
+# Variables (defaults in brackets):
+#   FREQ        [1]                           gradient accumulation: micro-batches per optimizer step
+#   EPOCHS      [5]                           passes over the 200 training examples
+#   BASE_MODEL  [meta-llama/Llama-2-7b-hf]    base model folder or hub id (its tokenizer is used)
+#   LORA_ROOT   [checkpoints/LoRAs]           the LoRAs are $LORA_ROOT/<language>_lora and $LORA_ROOT/<task>_lora
+#   DATA_ROOT   [data]                        train/ dev/ system_prompts.json (bash scripts/prepare_data.sh)
+#   OUT_DIR     [checkpoints/gates]           run folder $OUT_DIR/<language>_<task>/, best gate $OUT_DIR/<language>_<task>.safetensors
+#   MAX_LEN     [4096]                        longest example in tokens (longer prompts are cut from the left)
+#   SEED        [0]                           data order and dropout seed
+#   GRAD_CKPT   [0]                           1 = gradient checkpointing (less memory, more compute)
+#   FSDP        [0]                           1 = shard the frozen base over the processes (FSDP2)
+#   NPROC       [1]                           CPU processes when there is no GPU
+#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]   passed to torchrun for multi-node runs
+#   PYTHON      [python]                      the interpreter whose torch and loraflow are used
+#   TORCHRUN    [$PYTHON -m torch.distributed.run]    the launcher (the venv's, not a torchrun found on PATH)
+set -euo pipefail
+
+if [ "$#" -lt 5 ]; then
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+LANGUAGE="$1" TASK="$2" LR="$3" BATCH_PER_DEVICE="$4" MASTER_PORT="$5"
+shift 5
+
+FREQ="${FREQ:-1}"
+EPOCHS="${EPOCHS:-5}"
+BASE_MODEL="${BASE_MODEL:-meta-llama/Llama-2-7b-hf}"
+LORA_ROOT="${LORA_ROOT:-checkpoints/LoRAs}"
+DATA_ROOT="${DATA_ROOT:-data}"
+OUT_DIR="${OUT_DIR:-checkpoints/gates}"
+MAX_LEN="${MAX_LEN:-4096}"
+SEED="${SEED:-0}"
+GRAD_CKPT="${GRAD_CKPT:-0}"
+FSDP="${FSDP:-0}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+PYTHON="${PYTHON:-python}"
+read -r -a LAUNCHER <<< "${TORCHRUN:-$PYTHON -m torch.distributed.run}"
+
+if command -v nvidia-smi >/dev/null 2>&1 && "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  DEVICE=cuda
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    IFS=',' read -r -a GPU_IDS <<< "$CUDA_VISIBLE_DEVICES"
+    NPROC="${#GPU_IDS[@]}"
+  else
+    NPROC="$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")"
+  fi
+else
+  DEVICE=cpu
+  NPROC="${NPROC:-1}"
+fi
+
+FLAGS=()
+[ "$GRAD_CKPT" = 1 ] && FLAGS+=(--grad-ckpt)
+[ "$FSDP" = 1 ] && FLAGS+=(--fsdp)
+
+CMD=("${LAUNCHER[@]}" --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
+     --master_port "$MASTER_PORT" --nproc_per_node "$NPROC"
+     -m loraflow.cli train
+     --language "$LANGUAGE" --task "$TASK" --lr "$LR" --batch-per-device "$BATCH_PER_DEVICE" --grad-accum "$FREQ"
+     --epochs "$EPOCHS" --base-model "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT"
+     --out-dir "$OUT_DIR" --max-len "$MAX_LEN" --seed "$SEED" --device "$DEVICE" ${FLAGS[@]+"${FLAGS[@]}"} "$@")
+{ printf "+"; printf " %q" "${CMD[@]}"; echo; } >&2
+exec "${CMD[@]}"

@@ -1,0 +1,131 @@
+"""Gate training across processes: scripts/train.sh under torchrun (2 gloo processes), FSDP2, and a run killed with
+SIGKILL and resumed. Each compares its final gate with a one-process run of the same optimizer steps."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_world import assert_same_gate, build_world, read_metrics
+
+from loraflow.train import KILL_AFTER_STEP, train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("train_e2e"))
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """One process, batch 4, no LoRA dropout: the gate the split runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    train(world.config(out, batch_per_device=4, total_batch=None))
+    return out / "zh_math"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    env.pop(KILL_AFTER_STEP, None)
+    env.update(extra)
+    return env
+
+
+def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
+    out = tmp_path / "gates"
+    env = subprocess_env(NPROC="2", EPOCHS="3", MAX_LEN="256", BASE_MODEL=str(world.base),
+                         LORA_ROOT=str(world.lora_root), DATA_ROOT=str(world.data_root), OUT_DIR=str(out),
+                         PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "scripts/train.sh"), "zh", "math", "5e-2", "2", str(free_port()),
+                           "--no-lora-dropout"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    echoed = next(line for line in proc.stderr.splitlines() if line.startswith("+ "))
+    assert "-m torch.distributed.run" in echoed and "--nproc_per_node 2" in echoed and "--batch-per-device 2" in echoed
+    run = out / "zh_math"
+    for name in ("config.json", "summary.json", "metrics.jsonl", "epoch_1/gate.safetensors",
+                 "epoch_3/gate.json", "final/gate.safetensors", "state/rng_rank1.pt"):
+        assert (run / name).is_file(), name
+    assert (out / "zh_math.safetensors").is_file() and (out / "zh_math.json").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert (config["world_size"], config["batch_per_device"], config["total_batch"]) == (2, 2, 4)
+    assert config["loras"] is None and config["lora_root"] == str(world.lora_root)
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert sum(r["loss"] for r in steps[-2:]) < sum(r["loss"] for r in steps[:2])  # last epoch vs first
+    # 2 processes × batch 2 (gloo, torchrun) = 1 process × batch 4: the same examples per step, loss / global tokens
+    assert_same_gate(run / "final", reference / "final")
+
+
+def _fsdp_worker(rank: int, world_size: int, port: int, cfg) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(cfg)
+
+
+def test_fsdp_two_processes_equal_one_process(world, reference, tmp_path):
+    """FSDP2 (fully_shard per decoder layer, then the root) over gloo on CPU; forked workers skip re-importing."""
+    cfg = world.config(tmp_path, batch_per_device=2, total_batch=None, fsdp=True)
+    ctx = multiprocessing.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_fsdp_worker, args=(rank, 2, port, cfg)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    config = json.loads((tmp_path / "zh_math" / "config.json").read_text())
+    assert config["fsdp"] and config["world_size"] == 2
+    assert_same_gate(tmp_path / "zh_math" / "final", reference / "final")
+
+
+def test_killed_run_resumes_to_the_same_gate(world, tmp_path):
+    """With LoRA dropout on: resuming restores the gates, AdamW moments, lr step, data position and RNG states."""
+    flags = world.flags(tmp_path / "killed", "--total-batch", "2", "--save-every", "3", "--lora-dropout")
+    # 4 steps per epoch; states are saved after steps 3, 4 (epoch end) and 6; the process dies after step 7
+    proc = subprocess.run([sys.executable, "-m", "loraflow.cli", "train", *flags], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env(**{KILL_AFTER_STEP: "7"}))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run = tmp_path / "killed" / "zh_math"
+    state = torch.load(run / "state" / "trainer.pt", weights_only=True)
+    assert state["step"] == 6 and [h["epoch"] for h in state["history"]] == [1]
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 8))
+
+    cfg = dict(total_batch=2, save_every=3, lora_dropout=True)
+    train(world.config(tmp_path / "killed", resume=True, **cfg))
+    train(world.config(tmp_path / "straight", **cfg))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 13))  # step 7 once
+    straight = tmp_path / "straight" / "zh_math"
+    assert_same_gate(run / "final", straight / "final")
+    assert_same_gate(tmp_path / "killed" / "zh_math.safetensors", tmp_path / "straight" / "zh_math.safetensors")
+    history = [json.loads((r / "summary.json").read_text())["history"] for r in (run, straight)]
+    assert [h["dev_loss"] for h in history[0]] == pytest.approx([h["dev_loss"] for h in history[1]], rel=1e-6)
