@@ -16,6 +16,8 @@ from .errors import LoraflowError
 # name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
+    "eval": ("loraflow.eval.run", "generate and score one benchmark with one fusion method (base ... flow)"),
+    "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
 }
 
 
