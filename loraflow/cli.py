@@ -15,9 +15,11 @@ from .errors import LoraflowError
 
 # name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("loraflow.prepare", "validate data files; build data/ from the release and MGSM (check, prepare)"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
     "eval": ("loraflow.eval.run", "generate and score one benchmark with one fusion method (base ... flow)"),
     "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
+    "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
 }
 
 

@@ -15,11 +15,12 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import LoraflowError
+
+if TYPE_CHECKING:  # torch is imported where tensors are loaded, so data-only commands start fast
+    import torch
 
 
 @contextlib.contextmanager
@@ -57,24 +58,36 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LoraflowError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file of objects; blank lines are skipped, anything else malformed names `file:line`."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, object)` for each non-blank line of a JSON-lines file (1-based line numbers).
+
+    Anything malformed (bad JSON, a non-object line, bytes that are not UTF-8) raises `LoraflowError` naming
+    `file:line`.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoraflowError(f"{path}: file not found")
-    rows = []
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoraflowError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise LoraflowError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LoraflowError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+                if not isinstance(row, dict):
+                    raise LoraflowError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                yield lineno, row
+        except UnicodeDecodeError:
+            # decoding runs ahead of the lines handed out, so the line number is approximate
+            raise LoraflowError(f"{path}:{lineno + 1}: not valid UTF-8 text (at or after this line)") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file of objects; blank lines are skipped, anything else malformed names `file:line`."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -83,6 +96,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     A pickle that holds anything but tensors and plain containers (e.g. an object with a malicious `__reduce__`)
     is refused with a `LoraflowError`; nothing in it is executed.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise LoraflowError(f"{path}: file not found")
@@ -107,6 +122,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """Write tensors atomically: safetensors for `.safetensors`, else a plain `torch.save` dict (tensors only)."""
+    import torch
+
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
