@@ -15,10 +15,11 @@
 #   gate_path  the gate for METHOD=flow (a loraflow gate or an original .pt); ignored by the other methods
 # Variables [defaults]:
 #   SPLIT [test]  METHOD [flow]: flow | average | lorahub | lang | task | base
-#   BATCH_SIZE [8]  MAX_NEW_TOKENS [512]  LIMIT [all items]
+#   BATCH_SIZE [8]  MAX_NEW_TOKENS [512]  MAX_PROMPT_TOKENS [2048]: longer prompts keep their end  LIMIT [all]
 #   TEMPERATURE [1.1 for zh and ru math, else 1.0]  gate temperature (flow only)
 #   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
-#   LORAHUB_BUDGET [40]  PROMPT_STYLE [faithful]  NAME [the method]  PYTHON [python]
+#   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
+#   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder  PYTHON [python]
 # Code tasks execute the programs the model writes (sandboxed, not a security boundary): this script passes
 # --allow-code-execution for them and says so.
 set -euo pipefail
@@ -32,6 +33,7 @@ SPLIT="${SPLIT:-test}"
 METHOD="${METHOD:-flow}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
+MAX_PROMPT_TOKENS="${MAX_PROMPT_TOKENS:-2048}"
 TEMPERATURE="${TEMPERATURE:-}"
 BASE_MODEL="${BASE_MODEL:-meta-llama/Llama-2-7b-hf}"
 LORA_ROOT="${LORA_ROOT:-checkpoints/LoRAs}"
@@ -39,6 +41,7 @@ DATA_ROOT="${DATA_ROOT:-data}"
 OUT_DIR="${OUT_DIR:-outputs/eval}"
 LIMIT="${LIMIT:-}"
 LORAHUB_BUDGET="${LORAHUB_BUDGET:-40}"
+LORAHUB_EXAMPLES="${LORAHUB_EXAMPLES:-}"
 PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
 NAME="${NAME:-}"
 PYTHON="${PYTHON:-python}"
@@ -49,12 +52,16 @@ export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"
      --base "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
-     --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS" --prompt-style "$PROMPT_STYLE")
+     --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
+     --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE")
 if [ "$METHOD" = flow ]; then
   cmd+=(--gate "$GATE_PATH")
   if [ -n "$TEMPERATURE" ]; then cmd+=(--temperature "$TEMPERATURE"); fi
 fi
-if [ "$METHOD" = lorahub ]; then cmd+=(--lorahub-budget "$LORAHUB_BUDGET"); fi
+if [ "$METHOD" = lorahub ]; then
+  cmd+=(--lorahub-budget "$LORAHUB_BUDGET")
+  if [ -n "$LORAHUB_EXAMPLES" ]; then cmd+=(--lorahub-examples "$LORAHUB_EXAMPLES"); fi
+fi
 if [ -n "$LIMIT" ]; then cmd+=(--limit "$LIMIT"); fi
 if [ -n "$NAME" ]; then cmd+=(--name "$NAME"); fi
 if [ "$TASK" = code ]; then

@@ -43,6 +43,7 @@ for pair in $PAIRS; do
   done
 done
 
+mkdir -p "$OUT_DIR"
 echo "+ $PYTHON -m loraflow.cli eval-table $OUT_DIR --out $OUT_DIR/table.md" >&2
 "$PYTHON" -m loraflow.cli eval-table "$OUT_DIR" --out "$OUT_DIR/table.md"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -35,6 +36,7 @@ from .tasks import (
     EvalTask,
     build_prompt,
     check_language,
+    data_file,
     load_records,
     load_system_prompts,
     prompt_has_bos,
@@ -110,6 +112,8 @@ def _resolve(args) -> dict:
         raise LoraflowError(f"--temperature must be > 0, got {args.temperature}")
     if args.limit is not None and args.limit < 1:
         raise LoraflowError(f"--limit must be at least 1, got {args.limit}")
+    if not args.data:
+        data_file(task, language, args.data_root)  # an unknown language fails here, listing the languages there are
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens,
                           max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
                           stop=tuple(args.stop) if args.stop else task.stop)
@@ -152,7 +156,10 @@ def check_resume(run_json: Path, config: dict) -> None:
     """Refuse to add to predictions made under another configuration (keys in `GENERATION_KEYS` both know)."""
     if not run_json.is_file():
         return
-    old = read_json(run_json)
+    old, config = read_json(run_json), json.loads(json.dumps(config))  # compare as JSON: tuples are lists
+    for c in (old, config):  # the batch size does not change greedy generations
+        if isinstance(c.get("decode"), dict):
+            c["decode"].pop("batch_size", None)
     differ = [k for k in GENERATION_KEYS if k in old and k in config and old[k] != config[k]]
     if differ:
         lines = "; ".join(f"{k}: {old[k]!r} before, {config[k]!r} now" for k in differ)
@@ -212,20 +219,26 @@ def lorahub_examples(args, plan: dict, tokenizer) -> list[dict]:
 
     task, language = plan["task"], plan["language"]
     records = load_split(args.data_root, language, task.domain, "train")
+    kind = records.kind
     if args.lorahub_examples:
         records = records[:args.lorahub_examples]
     system = system_prompt(load_system_prompts(args.data_root), language, task.domain)
     style = "llama2-chat" if args.prompt_style == "faithful" else "chat-template"
-    return [training_example(tokenizer, r, records.kind, system, style=style) for r in records]
+    return [training_example(tokenizer, r, kind, system, style=style) for r in records]
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
 
-def score(task: EvalTask, predictions: Path, data_path: str | None, allow_code_execution: bool) -> dict:
-    """The same scoring as `loraflow score` on the finished predictions file."""
+def score(task: EvalTask, predictions: Path, data: str | None, data_root: str | None, language: str,
+          allow_code_execution: bool) -> dict:
+    """Exactly `loraflow score` on the finished predictions (it writes results.json and the scored lines beside
+    them); returns its results."""
     from . import score as scoring
 
-    return scoring.score_file(task.name, predictions, data=data_path, allow_code_execution=allow_code_execution)
+    scoring.run(argparse.Namespace(task=task.name, predictions=Path(predictions), data=Path(data) if data else None,
+                                   data_root=Path(data_root or "data"), language=language,
+                                   allow_code_execution=allow_code_execution, timeout=3.0, workers=None))
+    return read_json(Path(predictions).parent / "results.json")
 
 
 def markdown_summary(results: dict) -> str:
@@ -233,7 +246,8 @@ def markdown_summary(results: dict) -> str:
     head = "| task | language | split | method | " + " | ".join(metrics) + " | items |"
     sep = "|" + "---|" * (5 + len(metrics))
     values = " | ".join(f"{100 * v:.1f}" if isinstance(v, float) else str(v) for v in metrics.values())
-    n = results.get("counts", {}).get("total", "")
+    counts = results.get("counts", {})
+    n = counts.get("ids_scored", counts.get("scored", ""))
     row = f"| {results['task']} | {results['language']} | {results['split']} | {results['method']} | {values} | {n} |"
     return "\n".join((head, sep, row)) + "\n"
 
@@ -299,11 +313,12 @@ def run(args) -> int:
     elif not run_json.is_file():
         atomic_write_json(run_json, config)
 
-    results = score(task, predictions, data_source if args.data or Path(data_source).is_file() else None,
-                    args.allow_code_execution)
-    results = {**results, "task": task.name, "language": language, "split": task.split, "method": args.method,
-               "name": name, "config": {**read_json(run_json), **{k: config[k] for k in ("limit", "data")}},
-               "versions": _versions()}
+    results = score(task, predictions, data_source if Path(data_source).is_file() else None, args.data_root,
+                    language, args.allow_code_execution)
+    results.update({"task": task.name, "language": language, "split": task.split, "method": args.method,
+                    "name": name, "config": {**read_json(run_json), **{k: config[k] for k in ("limit", "data")},
+                                             "scoring": results.get("config", {})},
+                    "versions": {**results.get("versions", {}), **_versions()}})
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_summary(results))
     print(markdown_summary(results), end="")
