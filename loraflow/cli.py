@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("loraflow.convert_cli", "convert LoRAs, base models and gates to/from the original formats"),
     "train": ("loraflow.train", "train the LoRA-Flow gates of a language–task pair (torchrun for several GPUs)"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
+    "eval": ("loraflow.eval.run", "generate and score one benchmark with one fusion method (base ... flow)"),
+    "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
     "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
     "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),
 }

@@ -1,0 +1,260 @@
+"""Batched greedy generation into a crash-safe, resumable `predictions.jsonl`.
+
+Decoding follows SPEC §3 with real greedy search (`do_sample=False`; the original faked it with sampling at
+temperature 1e-4): left padding, prompts cut to their last `max_prompt_tokens` tokens (a leading BOS is kept),
+at most `max_new_tokens` new tokens, a row stops at an EOS id or at one of the configured stop strings.
+Prompts are processed longest first, so a batch holds prompts of similar length (little padding) and an
+out-of-memory error shows up in the first batch; results are handed back in the caller's order.
+
+Every row of a batch is computed exactly as it would be alone: greedy decoding with a correct attention mask does
+not depend on the other rows, and a row that stops early is filled with padding that is dropped afterwards.
+
+`predictions.jsonl` is the contract between generation and scoring (DESIGN.md): one line per item with `id`,
+`task`, `language`, `split`, `method`, `prompt`, `generation`. It is written one batch at a time (append, flush,
+fsync), so a crash loses at most the batch in flight; a rerun skips every id already in the file, and drops a
+last line that a crash cut short (the file is rewritten atomically without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LoraflowError
+from ..files import atomic_write_text
+
+PREDICTION_FIELDS = ("id", "task", "language", "split", "method", "prompt", "generation")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode. Defaults are the original harness's (SPEC §3)."""
+
+    max_new_tokens: int = 512  # new tokens per item at most
+    max_prompt_tokens: int = 2048  # longer prompts keep their last tokens (and a leading BOS)
+    batch_size: int = 8  # prompts per forward; does not change the generations
+    stop: tuple[str, ...] = ()  # a row also stops once its generated text contains one of these (cut before it)
+    add_special_tokens: bool = True  # let the tokenizer add BOS (False when the prompt text already has it)
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_prompt_tokens", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise LoraflowError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LoraflowError(f"stop strings must be non-empty strings, got {list(self.stop)}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+# ------------------------------------------------------------------------------------------------ tokens -> text
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int,
+                   add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each prompt, cut from the left to `max_prompt_tokens` (a leading BOS survives the cut)."""
+    out = []
+    bos = tokenizer.bos_token_id
+    for prompt in prompts:
+        ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        if len(ids) > max_prompt_tokens:
+            head = ids[:1] if bos is not None and ids[:1] == [bos] else []
+            ids = head + ids[len(ids) - (max_prompt_tokens - len(head)):]
+        out.append(ids)
+    return out
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's generation-config EOS (chat models
+    often end a turn with a token of their own, e.g. `<|eot_id|>`)."""
+    ids = []
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for i in (source if isinstance(source, (list, tuple)) else [source]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise LoraflowError("the tokenizer has no EOS token and the model's generation config names none")
+    return ids
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def decode_generation(tokenizer, new_ids: Sequence[int], eos: Sequence[int], stop: Sequence[str]) -> str:
+    """The text of one row's generated ids: up to the first EOS, special tokens dropped, cut at a stop string."""
+    new_ids = list(new_ids)
+    ends = [new_ids.index(e) for e in eos if e in new_ids]
+    if ends:
+        new_ids = new_ids[:min(ends)]
+    return cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stop)
+
+
+def _stop_criterion(tokenizer, stop: Sequence[str], prompt_width: int):
+    """A `StoppingCriteria` that marks a row done once its generated text contains a stop string.
+
+    Only the last few tokens are decoded each step: a stop string of B bytes spans at most B tokens (every token is
+    at least one byte), and it is caught at the step that completes it. Rows that are done get padding from
+    `generate` from then on.
+    """
+    from transformers import StoppingCriteria
+
+    window = max(len(s.encode("utf-8")) for s in stop) + 8
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            generated = input_ids[:, prompt_width:]
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for row in range(generated.shape[0]):
+                tail = tokenizer.decode(generated[row, -window:].tolist(), skip_special_tokens=True)
+                done[row] = any(s in tail for s in stop)
+            return done
+
+    return StopOnStrings()
+
+
+def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], config: DecodeConfig) -> list[str]:
+    """Greedy generations for one left-padded batch of token-id prompts, in the given order."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    eos = eos_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    # a fresh GenerationConfig: the model's own (e.g. Llama-2's temperature 0.6 / top_p 0.9) must not leak in
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, pad_token_id=pad,
+                                  eos_token_id=eos, num_beams=1)
+    criteria = StoppingCriteriaList([_stop_criterion(tokenizer, config.stop, width)] if config.stop else [])
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=gen_config, stopping_criteria=criteria)
+    return [decode_generation(tokenizer, row[width:].tolist(), eos, config.stop) for row in out.cpu()]
+
+
+def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
+             progress: bool = False) -> Iterator[list[tuple[int, str]]]:
+    """Yield `[(index into prompts, generation), ...]` one batch at a time, longest prompts first."""
+    from tqdm.auto import tqdm
+
+    encoded = encode_prompts(tokenizer, prompts, config.max_prompt_tokens, config.add_special_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with tqdm(total=len(order), desc="generating", unit="item", disable=not progress) as bar:
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start:start + config.batch_size]
+                texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], config)
+                bar.update(len(batch))
+                yield list(zip(batch, texts))
+    finally:
+        model.train(was_training)
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], config: DecodeConfig) -> list[str]:
+    """All generations, in the order of `prompts`."""
+    texts: list[str | None] = [None] * len(prompts)
+    for batch in generate(model, tokenizer, prompts, config):
+        for index, text in batch:
+            texts[index] = text
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------- predictions.jsonl
+
+def _dump(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def read_predictions(path: str | os.PathLike, repair: bool = True) -> list[dict]:
+    """The rows of a predictions file, each id once (the first wins).
+
+    Only the last line can be a crash artefact (it is the only one written after the others were on disk): when it
+    is cut short it is dropped, and with `repair` the file is rewritten atomically without it (and without repeated
+    ids). Any other malformed line is an error naming `file:line`: something else wrote to the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows, seen, changed = [], set(), False
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last = lineno == len(lines)  # no newline after it: the write may have stopped in the middle
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            missing = [f for f in ("id", "generation") if f not in row]
+            if missing:
+                raise ValueError(f"missing field(s) {', '.join(missing)}")
+        except (ValueError, UnicodeDecodeError) as e:
+            if last:
+                changed = True
+                continue
+            raise LoraflowError(f"{path}:{lineno}: not a prediction line ({e}); only a cut-short last line is "
+                                "repaired automatically: fix or delete the file") from None
+        row["id"] = str(row["id"])
+        if row["id"] in seen or last:
+            changed = True  # a repeated id, or a complete last line that lost its newline
+            if row["id"] in seen:
+                continue
+        seen.add(row["id"])
+        rows.append(row)
+    if changed and repair:
+        atomic_write_text(path, "".join(_dump(r) for r in rows))
+    return rows
+
+
+def append_predictions(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Append rows as one write, then flush and fsync: after this returns they survive a crash."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(_dump(r) for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def generate_predictions(model, tokenizer, items: Sequence[dict], path: str | os.PathLike, config: DecodeConfig,
+                         progress: bool = True) -> list[dict]:
+    """Generate for every item whose id is not in `path` yet, appending one batch at a time; return all rows.
+
+    items: dicts with `id` and `prompt` plus the other prediction fields (`task`, `language`, `split`, `method`).
+    An id already in the file whose stored prompt differs from the item's is an error (the file belongs to another
+    configuration). When every item is done the file is put in the items' order (atomically).
+    """
+    path = Path(path)
+    ids = [str(item["id"]) for item in items]
+    if len(set(ids)) != len(ids):
+        raise LoraflowError("item ids must be unique")
+    done = {row["id"]: row for row in read_predictions(path)}  # file order (dicts keep insertion order)
+    for item in items:
+        old = done.get(str(item["id"]))
+        if old is not None and "prompt" in old and old["prompt"] != item["prompt"]:
+            raise LoraflowError(f"{path}: item {item['id']!r} was generated from another prompt (a different prompt "
+                                "style, template or data file); use another output folder or delete the file")
+    todo = [item for item in items if str(item["id"]) not in done]
+    if todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for batch in generate(model, tokenizer, [item["prompt"] for item in todo], config, progress=progress):
+            rows = [{**{f: todo[i].get(f) for f in PREDICTION_FIELDS if f != "generation"},
+                     "id": str(todo[i]["id"]), "generation": text} for i, text in batch]
+            append_predictions(path, rows)
+            done.update((r["id"], r) for r in rows)
+    wanted = set(ids)
+    in_order = [done[i] for i in ids] + [row for key, row in done.items() if key not in wanted]  # extras last
+    if list(done) != [r["id"] for r in in_order]:
+        atomic_write_text(path, "".join(_dump(r) for r in in_order))
+    return [done[i] for i in ids]

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Evaluate one language-task pair with one method: the original interface, over `loraflow eval`.
+#
+#   bash scripts/eval.sh <gpu_id> <port> <language> <task> <gate_path>
+#   bash scripts/eval.sh 0 12350 zh math checkpoints/Gates/zh_math.pt          # LoRA-Flow on MGSM zh
+#   METHOD=lorahub bash scripts/eval.sh 0 0 ru code -                          # LoRA-Hub on HumanEval ru
+#   SPLIT=dev bash scripts/eval.sh 0 0 es math outputs/gates/es_math/epoch-3   # dev set, gate selection
+#
+# Arguments:
+#   gpu_id     sets CUDA_VISIBLE_DEVICES (no effect on a machine without CUDA)
+#   port       unused, kept so the original command lines still work: the original served the model over HTTP
+#              on this port; loraflow generates in-process, no server
+#   language   zh | ru | es, or any language with data (e.g. en: MGSM TSV, English HumanEval)
+#   task       math | code  (test split: MGSM | HumanEval; dev split: math-dev | code-dev)
+#   gate_path  the gate for METHOD=flow (a loraflow gate or an original .pt); ignored by the other methods
+# Variables [defaults]:
+#   SPLIT [test]  METHOD [flow]: flow | average | lorahub | lang | task | base
+#   BATCH_SIZE [8]  MAX_NEW_TOKENS [512]  MAX_PROMPT_TOKENS [2048]: longer prompts keep their end  LIMIT [all]
+#   TEMPERATURE [1.1 for zh and ru math, else 1.0]  gate temperature (flow only)
+#   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
+#   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
+#   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder  PYTHON [python]
+# Code tasks execute the programs the model writes (sandboxed, not a security boundary): this script passes
+# --allow-code-execution for them and says so.
+set -euo pipefail
+
+if [ $# -ne 5 ]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+  exit 2
+fi
+GPU_ID="$1"; PORT="$2"; LANGUAGE="$3"; TASK="$4"; GATE_PATH="$5"
+SPLIT="${SPLIT:-test}"
+METHOD="${METHOD:-flow}"
+BATCH_SIZE="${BATCH_SIZE:-8}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
+MAX_PROMPT_TOKENS="${MAX_PROMPT_TOKENS:-2048}"
+TEMPERATURE="${TEMPERATURE:-}"
+BASE_MODEL="${BASE_MODEL:-meta-llama/Llama-2-7b-hf}"
+LORA_ROOT="${LORA_ROOT:-checkpoints/LoRAs}"
+DATA_ROOT="${DATA_ROOT:-data}"
+OUT_DIR="${OUT_DIR:-outputs/eval}"
+LIMIT="${LIMIT:-}"
+LORAHUB_BUDGET="${LORAHUB_BUDGET:-40}"
+LORAHUB_EXAMPLES="${LORAHUB_EXAMPLES:-}"
+PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
+NAME="${NAME:-}"
+PYTHON="${PYTHON:-python}"
+export CUDA_VISIBLE_DEVICES="$GPU_ID"
+# this checkout's loraflow, whether or not it is pip-installed; paths stay relative to where you run the script
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+: "$PORT"  # unused (see above)
+
+cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"
+     --base "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
+     --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
+     --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE")
+if [ "$METHOD" = flow ]; then
+  cmd+=(--gate "$GATE_PATH")
+  if [ -n "$TEMPERATURE" ]; then cmd+=(--temperature "$TEMPERATURE"); fi
+fi
+if [ "$METHOD" = lorahub ]; then
+  cmd+=(--lorahub-budget "$LORAHUB_BUDGET")
+  if [ -n "$LORAHUB_EXAMPLES" ]; then cmd+=(--lorahub-examples "$LORAHUB_EXAMPLES"); fi
+fi
+if [ -n "$LIMIT" ]; then cmd+=(--limit "$LIMIT"); fi
+if [ -n "$NAME" ]; then cmd+=(--name "$NAME"); fi
+if [ "$TASK" = code ]; then
+  echo "[eval.sh] code task: the generated programs will be executed (loraflow's sandbox); passing --allow-code-execution" >&2
+  cmd+=(--allow-code-execution)
+fi
+echo "+ CUDA_VISIBLE_DEVICES=$GPU_ID ${cmd[*]}" >&2
+"${cmd[@]}"
