@@ -17,14 +17,7 @@ from loraflow.tiny import tiny_lora, tiny_model
 from loraflow.train import train
 from loraflow.train_config import PRESETS, TrainConfig, add_arguments, config_from_args, lr_at, schedule_steps
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster than on two when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoraflowError
-from ..files import atomic_write_json, atomic_write_text, read_jsonl
+from ..files import atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl
 from .humaneval import humaneval_program, load_english_humaneval, mbpp_program, pass_at_k, postprocess_completion
 from .mgsm import canonical_number, math_dev_gold, score_mgsm
 
@@ -106,18 +106,11 @@ def read_predictions(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise LoraflowError(f"{path}: predictions file not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoraflowError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("generation"), str):
-                raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
-            row["id"] = str(row["id"])
-            rows.append((lineno, row))
+    for lineno, row in iter_jsonl(path):
+        if "id" not in row or not isinstance(row.get("generation"), str):
+            raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
+        row["id"] = str(row["id"])
+        rows.append((lineno, row))
     if not rows:
         raise LoraflowError(f"{path}: no predictions in the file")
     return rows
