@@ -155,6 +155,37 @@ def test_run_writes_checkpoints_and_loss_decreases(world, tmp_path):
         train(world.config(tmp_path))
 
 
+def test_defaults_and_optimizer_follow_the_original_recipe(world, tmp_path):
+    """SPEC §2: AdamW (decoupled weight decay 0.1, betas 0.9/0.95, eps 1e-5) on the gates only, clipping 1.0, 5 epochs,
+    seed 0, max length 4096, LoRA dropout on; metrics.jsonl has step, loss, lr, grad norm and tokens/s."""
+    cfg = TrainConfig(language="zh", task="math")
+    assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, cfg.clip_grad) == (0.1, 0.9, 0.95, 1e-5, 1.0)
+    assert (cfg.epochs, cfg.seed, cfg.max_len, cfg.lora_dropout, cfg.grad_accum) == (5, 0, 4096, True, 1)
+    assert (cfg.prompt_style, cfg.cot_suffix, cfg.grad_ckpt, cfg.fsdp) == ("llama2-chat", False, False, False)
+    train(world.config(tmp_path, max_steps=2))  # the world's config leaves every optimizer knob at its default
+    state = torch.load(tmp_path / "zh_math" / "state" / "trainer.pt", weights_only=True)
+    (group,) = state["optimizer"]["param_groups"]
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.1, (0.9, 0.95), 1e-5)
+    assert group["decoupled_weight_decay"] is True  # AdamW, not Adam with L2
+    assert len(group["params"]) == 2 * 2  # two layers × (W, b): nothing but the gates
+    rows = [r for r in read_metrics(tmp_path / "zh_math") if "loss" in r]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "response_tokens", "tokens_per_s"} <= set(rows[0])
+    _, schedule = schedule_steps(8, 4, 3)
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 5e-2, schedule, 0.2) for s in range(2)])
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_lora_dropout_is_active_while_training_and_switchable(world, tmp_path):
+    """With dropout on, a step sees dropped LoRA activations (another gate than without), reproducibly (seeded)."""
+    from train_world import read_gate
+
+    for name, dropout in (("on", True), ("on_again", True), ("off", False)):
+        train(world.config(tmp_path / name, max_steps=1, lora_dropout=dropout))
+    on, again, off = (read_gate(tmp_path / name / "zh_math" / "final") for name in ("on", "on_again", "off"))
+    assert all(torch.equal(on[k], again[k]) for k in on)
+    assert any(not torch.allclose(on[k], off[k], atol=1e-7) for k in on)
+
+
 def test_gradient_accumulation_equals_a_bigger_batch(world, tmp_path):
     train(world.config(tmp_path / "b4", batch_per_device=4, total_batch=None))
     train(world.config(tmp_path / "b2x2", batch_per_device=2, grad_accum=2, total_batch=None))
