@@ -72,7 +72,7 @@ class TrainConfig:
                                        "jsonl (generic files: one {\"prompt\": ..., \"response\": ...} per line)")
     dev_file: str | None = opt(None, "a JSONL dev file (default: DATA_ROOT/dev/{language}_{task}_dev.jsonl if it "
                                      "exists)")
-    no_dev: bool = opt(False, "skip the dev loss even when a dev set exists", action=argparse.BooleanOptionalAction)
+    no_dev: bool = opt(False, "skip the dev loss even when a dev set exists", action="store_true")
     system_prompt: str | None = opt(None, "system prompt text (default: system_prompts.json's {language}_{task})")
     prompt_style: str = opt("llama2-chat", "prompt format: llama2-chat (the original) or chat-template (the "
                                            "tokenizer's own)", choices=PROMPT_STYLES)
