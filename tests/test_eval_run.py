@@ -122,6 +122,12 @@ def test_eval_sh_code_task_runs_the_sandbox(setup, tmp_path):
     assert results["metrics"]["pass@1"] == 0.0  # a random tiny model writes no working program
     scored = (tmp_path / "humaneval_zh" / "task").glob("*.scored.jsonl")
     assert all("detail" in json.loads(line) for f in scored for line in f.read_text().splitlines())
+    assert results["config"]["scoring"]["timeout"] == 3.0  # the original's 3 s per program
+    # the same predictions rescored with another timeout: nothing is generated again
+    assert main(_args(setup, tmp_path, "--allow-code-execution", "--timeout", "2.5", task="code", method="task",
+                      limit=2)) == 0
+    rescored = json.loads((tmp_path / "humaneval_zh" / "task" / "results.json").read_text())
+    assert rescored["config"]["scoring"]["timeout"] == 2.5
 
 
 def test_dev_split_is_the_math_dev_set(setup, tmp_path):
@@ -177,8 +183,7 @@ def test_eval_sh_killed_and_rerun_resumes(setup, tmp_path):
     resumed = eval_sh(tmp_path / "out")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert log.read_text().split() == ["1"]  # only the fifth item
-    log.unlink()
-    assert eval_sh(tmp_path / "straight").returncode == 0
+    assert main(_args(setup, tmp_path / "straight", method="average", limit=5)) == 0  # the same run, in one go
     assert predictions.read_text(encoding="utf-8") == (
         tmp_path / "straight" / "mgsm_zh" / "average" / "predictions.jsonl").read_text(encoding="utf-8")
     assert json.loads((predictions.parent / "results.json").read_text())["counts"]["ids_scored"] == 5
@@ -218,6 +223,7 @@ BAD = {  # case: (overrides of _args, extra arguments, message)
     "code without opt-in": ({"task": "code"}, [], "pass --allow-code-execution"),
     "flow without gate": ({"gate": ""}, [], "--method flow needs --gate"),
     "temperature without gate": ({"method": "task"}, ["--temperature", "1.0"], "only --method flow has a gate"),
+    "non-positive timeout": ({}, ["--timeout", "0"], "--timeout must be > 0 seconds"),
     "missing LoRA": ({}, ["--lora-root", "/nonexistent"], "LoRA /nonexistent/zh_lora does not exist"),
     "data file with a missing field": ({}, ["--data", "BADDATA"], "bad_math_test.jsonl:2: missing field 'question'"),
 }
