@@ -228,10 +228,12 @@ def defaults(device: torch.device, quick: bool) -> dict:
         return dict(scale=1, shapes="64x96", tokens="16", ranks="4,4;4,8,4,8", rounds=1, scaling_d=64,
                     scaling_rank=4, scaling_k="1,2", scaling_tokens="8,16", hidden=64, layers=2, heads=2,
                     kv_heads=2, intermediate=172, vocab=260, rank=4, batches="1,2", new_tokens=4, prompt_tokens=4,
+                    xlora_batches="1,2",
                     xlora_rounds=1, train_batch=2, train_seq=16, sandbox_limit=4, sandbox_repeat=1)
     common = dict(shapes="4096x4096,4096x11008", tokens="512,2048", ranks="64,64;64,256;64,64,64,64;64,256,64,256",
                   scaling_d=4096, scaling_rank=64, scaling_k="1,2,4,8", scaling_tokens="128,512,2048,8192",
                   batches="1,8", new_tokens=128, prompt_tokens=16, xlora_rounds=1, sandbox_limit=None)
+    common["xlora_batches"] = "1,8" if device.type == "cuda" else "1"
     if device.type == "cuda":
         return dict(common, scale=1, rounds=10, hidden=1024, layers=8, heads=8, kv_heads=8, intermediate=2752,
                     vocab=4096, rank=16, train_batch=8, train_seq=512, sandbox_repeat=3)
@@ -266,6 +268,7 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--new-tokens", type=int, help="decode: new tokens per sequence, greedy [128]")
     g.add_argument("--prompt-tokens", type=int, help="decode: prompt length [16]")
     g.add_argument("--xlora-rounds", type=int, help="decode: timed rounds of X-LoRA (slow) [1]")
+    g.add_argument("--xlora-batches", help="decode: the batch sizes X-LoRA runs at [CUDA: 1,8; CPU: 1]")
     g.add_argument("--train-batch", type=int, help=d)
     g.add_argument("--train-seq", type=int, help=d)
     g.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory measurement")
@@ -337,7 +340,8 @@ def run_part(part: str, args, device, dtype) -> dict:
         from .bench_decode import bench_decode
 
         result = bench_decode(model_shape(args), _ints(args.batches), args.new_tokens, args.prompt_tokens, device,
-                              dtype, rounds=args.rounds, xlora_rounds=args.xlora_rounds)
+                              dtype, rounds=args.rounds, xlora_rounds=args.xlora_rounds,
+                              xlora_batches=_ints(args.xlora_batches))
     elif part == "train":
         from .bench_train import bench_train
 

@@ -122,8 +122,10 @@ def greedy(model, inputs: dict, new_tokens: int) -> torch.Tensor:
 
 
 def bench_decode(shape: ModelShape, batches: list[int], new_tokens: int, prompt_len: int, device, dtype,
-                 rounds: int = 3, xlora_rounds: int = 1, variants=DECODE_VARIANTS) -> dict:
-    """Tokens/s of every variant per batch size, and ratios to the base model."""
+                 rounds: int = 3, xlora_rounds: int = 1, variants=DECODE_VARIANTS,
+                 xlora_batches: list[int] | None = None) -> dict:
+    """Tokens/s of every variant per batch size, and ratios to the base model. X-LoRA runs only at
+    `xlora_batches` (default: all): without a KV cache its cost grows with the square of the length."""
     from .bench import interleaved
 
     max_positions = max(512, prompt_len + new_tokens)
@@ -133,8 +135,10 @@ def bench_decode(shape: ModelShape, batches: list[int], new_tokens: int, prompt_
     rows = []
     for batch in batches:
         inputs = prompts(batch, prompt_len, shape.vocab, device)
-        fns = {name: (lambda m=m, inputs=inputs: greedy(m, inputs, new_tokens)) for name, m in models.items()}
-        for name, model in models.items():  # warm up (X-LoRA on a short run: it is slow)
+        here = {name: m for name, m in models.items()
+                if name != "xlora" or xlora_batches is None or batch in xlora_batches}
+        fns = {name: (lambda m=m, inputs=inputs: greedy(m, inputs, new_tokens)) for name, m in here.items()}
+        for name, model in here.items():  # warm up (X-LoRA on a short run: it is slow)
             greedy(model, inputs, 4 if name == "xlora" else new_tokens)
         seconds = interleaved(fns, device, rounds=rounds, warmup=0,
                               rounds_of={"xlora": min(rounds, xlora_rounds)})

@@ -119,10 +119,11 @@ def _decode_table(part: dict) -> list[str]:
              f"vocab {sh['vocab']}, LoRA rank {sh['rank']} on all seven projections, k = {part['k']}; greedy, "
              f"{part['rows'][0]['new_tokens']} new tokens after {part['rows'][0]['prompt_tokens']}; "
              f"LoRA FLOPs +{(part['lora_flop_ratio'] - 1) * 100:.1f}%)", ""]
-    names = list(part["rows"][0]["tokens_per_s"])
+    names = list(dict.fromkeys(n for r in part["rows"] for n in r["tokens_per_s"]))
     lines += ["| batch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in part["rows"]:
-        cells = [f"{r['tokens_per_s'][n]:.1f} tok/s ({r['over_base'].get(n, 0):.2f}×)" for n in names]
+        cells = [f"{r['tokens_per_s'][n]:.1f} tok/s ({r['over_base'].get(n, 0):.2f}×)" if n in r["tokens_per_s"]
+                 else "not run" for n in names]
         lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
     return lines + ["", "Ratios are to the base model's tokens/s in the same run. X-LoRA is peft's XLoraModel "
                     "(untrained depth-1 head): two forward passes per step and no KV cache.", ""]

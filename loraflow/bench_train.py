@@ -6,7 +6,8 @@ Variants, all on the same (batch, seq) random tokens with the loss on every toke
 - `base_full`: the plain base, forward + backward with every weight trainable (full fine-tuning, no optimizer);
 - `gate_step`: `loraflow.train.train_step`, i.e. FlowModel forward (k LoRAs, LoRA dropout on) + backward to the
   gates + gradient clipping + AdamW, as in a real run;
-- `gate_step_ckpt`: the same with gradient checkpointing.
+- `gate_step_nodrop`: the same with LoRA dropout off (what the dropout masks cost);
+- `gate_step_ckpt`: `gate_step` with gradient checkpointing.
 
 Peak memory of one step, model excluded: on CUDA `max_memory_allocated` minus what was allocated before the step;
 on CPU (Linux) the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set
@@ -25,7 +26,7 @@ import torch
 
 from .bench_decode import ModelShape, base_model, save_loras
 
-TRAIN_VARIANTS = ("base_act", "base_full", "gate_step", "gate_step_ckpt")
+TRAIN_VARIANTS = ("base_act", "base_full", "gate_step", "gate_step_nodrop", "gate_step_ckpt")
 
 
 def _examples(shape: ModelShape, batch: int, seq: int, device):
@@ -59,6 +60,8 @@ def make_step(name: str, shape: ModelShape, loras: list[Path], batch: int, seq: 
     flow = FlowModel.from_pretrained(model, loras)
     if name == "gate_step_ckpt":
         flow.gradient_checkpointing_enable()
+    if name == "gate_step_nodrop":
+        flow.set_lora_dropout(False)
     flow.train()
     optimizer = torch.optim.AdamW(flow.gate_parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
