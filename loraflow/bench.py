@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -229,16 +230,17 @@ def defaults(device: torch.device, quick: bool) -> dict:
                     scaling_rank=4, scaling_k="1,2", scaling_tokens="8,16", hidden=64, layers=2, heads=2,
                     kv_heads=2, intermediate=172, vocab=260, rank=4, batches="1,2", new_tokens=4, prompt_tokens=4,
                     xlora_batches="1,2",
-                    xlora_rounds=1, train_batch=2, train_seq=16, sandbox_limit=4, sandbox_repeat=1)
+                    xlora_rounds=1, train_batch=2, train_seq=16, sandbox_limit=4, sandbox_repeat=1,
+                    decode_rounds=1)
     common = dict(shapes="4096x4096,4096x11008", tokens="512,2048", ranks="64,64;64,256;64,64,64,64;64,256,64,256",
                   scaling_d=4096, scaling_rank=64, scaling_k="1,2,4,8", scaling_tokens="128,512,2048,8192",
                   batches="1,8", new_tokens=128, prompt_tokens=16, xlora_rounds=1, sandbox_limit=None)
     common["xlora_batches"] = "1,8" if device.type == "cuda" else "1"
     if device.type == "cuda":
-        return dict(common, scale=1, rounds=10, hidden=1024, layers=8, heads=8, kv_heads=8, intermediate=2752,
-                    vocab=4096, rank=16, train_batch=8, train_seq=512, sandbox_repeat=3)
-    return dict(common, scale=4, rounds=3, hidden=512, layers=4, heads=4, kv_heads=4, intermediate=1376, vocab=2048,
-                rank=8, train_batch=4, train_seq=256, sandbox_repeat=1)
+        return dict(common, scale=1, rounds=10, decode_rounds=5, hidden=1024, layers=8, heads=8, kv_heads=8,
+                    intermediate=2752, vocab=4096, rank=16, train_batch=8, train_seq=512, sandbox_repeat=3)
+    return dict(common, scale=4, rounds=3, decode_rounds=2, hidden=512, layers=4, heads=4, kv_heads=4,
+                intermediate=1376, vocab=2048, rank=8, train_batch=2, train_seq=256, sandbox_repeat=1)
 
 
 def _ints(text: str) -> list[int]:
@@ -252,6 +254,7 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the results here, and a markdown table beside it (.md)")
     p.add_argument("--threads", type=int, help="CPU threads for torch [torch's default]")
     p.add_argument("--rounds", type=int, help=f"timed rounds per variant, median reported {d}")
+    p.add_argument("--parts", help=f"all: a comma list of the parts to run [{','.join(PARTS)}]")
     g = p.add_argument_group("projection (layer, scaling)")
     g.add_argument("--scale", type=int, help=f"divide every width and rank by this (keeps the FLOP floor) {d}")
     g.add_argument("--shapes", help="comma list of d_in x d_out [4096x4096,4096x11008]")
@@ -267,6 +270,7 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batches", help="decode: comma list of batch sizes [1,8]")
     g.add_argument("--new-tokens", type=int, help="decode: new tokens per sequence, greedy [128]")
     g.add_argument("--prompt-tokens", type=int, help="decode: prompt length [16]")
+    g.add_argument("--decode-rounds", type=int, help=f"decode: timed rounds per variant {d}")
     g.add_argument("--xlora-rounds", type=int, help="decode: timed rounds of X-LoRA (slow) [1]")
     g.add_argument("--xlora-batches", help="decode: the batch sizes X-LoRA runs at [CUDA: 1,8; CPU: 1]")
     g.add_argument("--train-batch", type=int, help=d)
@@ -340,7 +344,7 @@ def run_part(part: str, args, device, dtype) -> dict:
         from .bench_decode import bench_decode
 
         result = bench_decode(model_shape(args), _ints(args.batches), args.new_tokens, args.prompt_tokens, device,
-                              dtype, rounds=args.rounds, xlora_rounds=args.xlora_rounds,
+                              dtype, rounds=args.decode_rounds, xlora_rounds=args.xlora_rounds,
                               xlora_batches=_ints(args.xlora_batches))
     elif part == "train":
         from .bench_train import bench_train
@@ -362,7 +366,6 @@ def run_sandbox_bench(args) -> dict:
     import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
@@ -387,29 +390,36 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    parts = PARTS if args.bench == "all" else (args.bench,)
+    parts = (args.bench,) if args.bench != "all" else tuple(args.parts.split(",")) if args.parts else PARTS
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise LoraflowError(f"--parts: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
     result = {"environment": environment(device), "dtype": str(dtype), "quick": args.quick,
               "settings": {k: v for k, v in vars(args).items() if k not in ("bench", "json")}, "parts": {}}
+    path = args.json
+    if path is None and args.bench == "all" and not args.quick:
+        path = f"bench/results/{platform.node()}-{time.strftime('%Y-%m-%d')}.json"
     for part in parts:
         print(f"== {part} ({time.strftime('%H:%M:%S')}, load average {os.getloadavg()[0]:.2f})", flush=True)
         result["parts"][part] = run_part(part, args, device, dtype)
         print_part(part, result["parts"][part])
+        if path:  # after every part, so a long run that stops keeps what it measured
+            _write(path, result, markdown(result))
     result["environment"]["load_average_end"] = list(os.getloadavg())
     report = markdown(result)
     print(report)
-    path = args.json
-    if path is None and args.bench == "all" and not args.quick:
-        path = f"bench/results/{platform.node()}-{time.strftime('%Y-%m-%d')}.json"
     if path:
-        from pathlib import Path
-
-        from .files import atomic_write_json, atomic_write_text
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, result)
-        atomic_write_text(Path(path).with_suffix(".md"), report)
+        _write(path, result, report)
         print(f"wrote {path} and {Path(path).with_suffix('.md')}")
     return 0
+
+
+def _write(path: str, result: dict, report: str) -> None:
+    from .files import atomic_write_json, atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    atomic_write_text(Path(path).with_suffix(".md"), report)
 
 
 def main(argv=None) -> int:  # `python -m loraflow.bench all ...`

@@ -138,8 +138,8 @@ def bench_decode(shape: ModelShape, batches: list[int], new_tokens: int, prompt_
         here = {name: m for name, m in models.items()
                 if name != "xlora" or xlora_batches is None or batch in xlora_batches}
         fns = {name: (lambda m=m, inputs=inputs: greedy(m, inputs, new_tokens)) for name, m in here.items()}
-        for name, model in here.items():  # warm up (X-LoRA on a short run: it is slow)
-            greedy(model, inputs, 4 if name == "xlora" else new_tokens)
+        for model in here.values():  # warm up on a short run
+            greedy(model, inputs, min(new_tokens, 8))
         seconds = interleaved(fns, device, rounds=rounds, warmup=0,
                               rounds_of={"xlora": min(rounds, xlora_rounds)})
         tps = {name: batch * new_tokens / s for name, s in seconds.items()}

