@@ -11,13 +11,15 @@ Variants, all on the same (batch, seq) random tokens with the loss on every toke
 
 Peak memory of one step, model excluded: on CUDA `max_memory_allocated` minus what was allocated before the step;
 on CPU (Linux) the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set
-before the step, each variant in a fresh spawned process (RSS counts allocator slack too: an upper bound; a forked
-child of a process that has run OpenMP work can hang, hence spawn).
+before the step, each variant in a fresh spawned process whose glibc maps every allocation over 64 KiB on its own
+(so freed tensors leave the resident set; a forked child of a process that has run OpenMP work can hang, hence
+spawn).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 
 from .bench_decode import ModelShape, base_model, save_loras
 
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 TRAIN_VARIANTS = ("base_act", "base_full", "gate_step", "gate_step_nodrop", "gate_step_ckpt")
 
 
@@ -118,7 +121,17 @@ def peak_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, devi
             queue = ctx.Queue()
             proc = ctx.Process(target=_cpu_peak_child,
                                args=(name, shape, loras, batch, seq, torch.get_num_threads(), queue))
-            proc.start()
+            # glibc: every allocation over 64 KiB gets its own mapping, returned to the system when freed, so the
+            # resident set follows the live tensors instead of keeping freed heap from the warm-up step
+            saved = os.environ.get(MMAP_ENV)
+            os.environ[MMAP_ENV] = "65536"
+            try:
+                proc.start()
+            finally:
+                if saved is None:
+                    del os.environ[MMAP_ENV]
+                else:
+                    os.environ[MMAP_ENV] = saved
             try:
                 value = queue.get(timeout=900)
             finally:
