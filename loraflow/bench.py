@@ -234,13 +234,13 @@ def defaults(device: torch.device, quick: bool) -> dict:
                     sandbox_limit=4, sandbox_repeat=1)
     common = dict(shapes="4096x4096,4096x11008", tokens="512,2048", ranks="64,64;64,256;64,64,64,64;64,256,64,256",
                   scaling_d=4096, scaling_rank=64, scaling_k="1,2,4,8", scaling_tokens="128,512,2048,8192",
-                  batches="1,8", new_tokens=128, prompt_tokens=16, xlora_rounds=1, xlora_batches="1,8",
-                  sandbox_limit=None, sandbox_repeat=3)
+                  batches="1,8", new_tokens=128, prompt_tokens=16, xlora_rounds=1, sandbox_limit=None,
+                  sandbox_repeat=3)
     if device.type == "cuda":
-        return dict(common, scale=1, rounds=10, decode_rounds=5, hidden=1024, layers=8, heads=8, kv_heads=8,
-                    intermediate=2752, vocab=4096, rank=16, train_batch=8, train_seq=512)
-    return dict(common, scale=4, rounds=3, decode_rounds=3, hidden=512, layers=4, heads=4, kv_heads=4,
-                intermediate=1376, vocab=2048, rank=8, train_batch=2, train_seq=256)
+        return dict(common, scale=1, rounds=10, decode_rounds=5, xlora_batches="1,8", hidden=1024, layers=8,
+                    heads=8, kv_heads=8, intermediate=2752, vocab=4096, rank=16, train_batch=8, train_seq=512)
+    return dict(common, scale=4, rounds=3, decode_rounds=3, xlora_batches="1", hidden=512, layers=4, heads=4,
+                kv_heads=4, intermediate=1376, vocab=2048, rank=8, train_batch=2, train_seq=256)
 
 
 def _ints(text: str) -> list[int]:
@@ -272,7 +272,8 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-tokens", type=int, help="decode: prompt length [16]")
     g.add_argument("--decode-rounds", type=int, help=f"decode: timed rounds per variant {d}")
     g.add_argument("--xlora-rounds", type=int, help="decode: timed rounds of X-LoRA (slow) [1]")
-    g.add_argument("--xlora-batches", help="decode: the batch sizes X-LoRA runs at [1,8]")
+    g.add_argument("--xlora-batches",
+                   help="decode: the batch sizes X-LoRA runs at (no KV cache: slow on CPU) [CUDA: 1,8; CPU: 1]")
     g.add_argument("--train-batch", type=int, help=d)
     g.add_argument("--train-seq", type=int, help=d)
     g.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory measurement")
