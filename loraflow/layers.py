@@ -167,10 +167,15 @@ class FusedLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, ranks={ranks}"
 
 
+ADDMM_MIN_ROWS = 32  # below this many tokens (decoding) the reshapes around addmm cost more than the add it saves
+
+
 def _add_up(result: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """result + h B^T in one addmm (no separate add, no extra output-width tensor) when the dtypes agree;
-    otherwise the plain sum in the result's dtype."""
-    if result.dtype == h.dtype == lora_b.dtype or torch.is_autocast_enabled(result.device.type):
+    """result + h B^T: over many tokens in one addmm (no separate add, no extra output-width tensor) when the dtypes
+    agree or autocast casts them; otherwise, and for a few tokens, the plain sum in the result's dtype."""
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if rows >= ADDMM_MIN_ROWS and (result.dtype == h.dtype == lora_b.dtype
+                                   or torch.is_autocast_enabled(result.device.type)):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.t())
         out = out.view(result.shape)
         return out if out.dtype == result.dtype else out.to(result.dtype)
