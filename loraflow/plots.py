@@ -44,8 +44,10 @@ def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def record_generation(flow, tokenizer, prompt: str, max_new_tokens: int = 64) -> tuple[torch.Tensor, list[str]]:
-    """Greedy-generate from `prompt`; return (weights (layers, new tokens, k), the new tokens as strings).
+def record_generation(flow, tokenizer, prompt: str, max_new_tokens: int = 64,
+                      return_ids: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Greedy-generate from `prompt`; return (weights (layers, new tokens, k), the new tokens as strings) -- and
+    the new token ids third with `return_ids=True`.
 
     Weights column j = the gate output at the position whose next-token prediction is new token j.
     """
@@ -65,16 +67,21 @@ def record_generation(flow, tokenizer, prompt: str, max_new_tokens: int = 64) ->
     weights = rec.weights(row=0)  # (layers, positions the model ran on, k)
     start = ids.shape[1] - 1
     weights = weights[:, start:start + len(new)].float().cpu()
-    return weights, [tokenizer.decode([t]) for t in new]
+    tokens = [tokenizer.decode([t]) for t in new]
+    return (weights, tokens, new) if return_ids else (weights, tokens)
 
 
 @torch.no_grad()
-def record_teacher_forced(flow, tokenizer, prompt: str, response: str) -> tuple[torch.Tensor, list[str]]:
-    """Run `prompt + response` in one forward; return (weights (layers, response tokens, k), response tokens),
-    aligned as in `record_generation` (the weights that predicted each response token)."""
+def record_teacher_forced(flow, tokenizer, prompt: str,
+                          response: str | Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+    """Run `prompt + response` (text, or token ids) in one forward; return (weights (layers, response tokens, k),
+    response tokens), aligned as in `record_generation` (the weights that predicted each response token)."""
     flow.eval()
     p_ids = _prompt_ids(tokenizer, prompt)[0]
-    r_ids = tokenizer(response, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if isinstance(response, str):
+        r_ids = tokenizer(response, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    else:
+        r_ids = torch.as_tensor(list(response), dtype=torch.long)
     if len(r_ids) == 0:
         raise LoraflowError("empty response: nothing to plot")
     ids = torch.cat([p_ids, r_ids])[None].to(flow.device)
