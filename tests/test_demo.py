@@ -13,7 +13,7 @@ import torch
 from loraflow.cli import main
 from loraflow.demo.pipeline import LORA_NAMES, METHOD_LABELS, METHODS, DemoConfig
 from loraflow.demo.training import encode, world_tokenizer
-from loraflow.demo.world import World, dataset
+from loraflow.demo.world import ADD_VERBS, World, dataset
 from loraflow.errors import LoraflowError
 
 # ------------------------------------------------------------------------------------------------------ the world
@@ -75,7 +75,7 @@ def test_problems_are_consistent():
         p = world.sample_problem(rng)
         value = p.start
         for verb, n in p.steps:
-            value += n if verb in ("finds", "buys", "wins") else -n
+            value += n if verb in ADD_VERBS else -n
             assert 0 <= value <= 20
         assert value == p.answer
 

@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import warnings
+
+    # raised inside transformers/peft on every LoRA model; nothing a demo user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     cfg = DemoConfig.of_size(args.size, seed=args.seed)
     out = args.out or ("outputs/demo" if args.size == "full" else f"outputs/demo-{args.size}")
     if not args.no_plots:

@@ -6,7 +6,7 @@ static / flow), generation is `loraflow.eval.generate` and scoring is `loraflow 
 (`loraflow.eval.score`, the MGSM scorer) on data files in the MGSM test layout.
 
 Every stage writes into a temporary folder that is renamed into place once complete, with a `done.json` marker
-holding the hash of everything the stage depends on (its config fields, its inputs' hashes and `STAGE_VERSION`).
+holding the hash of everything the stage depends on (its config fields, its inputs' hashes, `STAGE_VERSIONS`).
 A rerun skips a stage whose marker matches and redoes it (and everything downstream) when its inputs changed.
 
     outputs/demo/
@@ -39,7 +39,8 @@ from loraflow.files import atomic_write_json, atomic_write_text, read_json, read
 from .training import LoopConfig, base_config, encode, pretrain_base, train_lora, world_tokenizer
 from .world import World, dataset
 
-STAGE_VERSION = 2  # bump when a stage's code changes what it produces: every cached stage is then redone
+# Bump a stage's version when its code changes what it produces: that stage and everything after it is redone.
+STAGE_VERSIONS = {"data": 5, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
 METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 METHOD_LABELS = {"base": "Base model", "lang": "Single LoRA: language", "task": "Single LoRA: task",
                  "average": "Fusion: average", "lorahub": "Fusion: LoRA-Hub", "flow": "Fusion: LoRA-Flow"}
@@ -66,7 +67,7 @@ class DemoConfig:
     lora_dropout: float = 0.05
     lora_steps: int = 300
     lora_batch: int = 32
-    lora_lr: float = 2e-3
+    lora_lr: float = 3e-3
     # gate training (`loraflow train`, the paper's zh_math recipe: 200 examples, 5 epochs, batch 4, lr 1e-3)
     gate_examples: int = 200
     gate_epochs: int = 5
@@ -122,7 +123,7 @@ class Stages:
             title: str) -> Path:
         self.count += 1
         title = f"[{self.count}/{self.total}] {title}"
-        key = _hash({"stage": name, "version": STAGE_VERSION,
+        key = _hash({"stage": name, "version": STAGE_VERSIONS.get(name, STAGE_VERSIONS.get(name.split("_")[0], 1)),
                      "config": {f: getattr(self.cfg, f) for f in ("seed", *fields)},
                      "deps": {d: self.hashes[d] for d in deps}})
         self.hashes[name] = key
@@ -308,14 +309,27 @@ def make_eval(cfg: DemoConfig, method: str, base: Path, loras: list[Path], gate:
                                        language=lang, allow_code_execution=False, timeout=3.0, workers=None))
         results[lang] = read_json(out / lang / "results.json")["metrics"]
     world = World(cfg.seed)
-    rows = read_jsonl(out / "xx" / "predictions.jsonl")
+    rows = read_jsonl(out / "xx" / "predictions.scored.jsonl")
+    shares = [l_word_share(world, r["generation"]) for r in rows]
     words = [w for r in rows for w in r["generation"].split() if world.language_of(w)]
     summary = {"method": method, "composite_accuracy": results["xx"]["accuracy"],
                "composite_accuracy_strict": results["xx"]["accuracy_strict"],
                "english_accuracy": results["en"]["accuracy"],
-               "composite_l_word_share": _mean(world.language_of(w) == "xx" for w in words)}
+               "composite_l_word_share": _mean(world.language_of(w) == "xx" for w in words),
+               "composite_correct_in_l": _mean(r["correct"] and s is not None and s >= IN_L
+                                               for r, s in zip(rows, shares))}
     atomic_write_json(out / "results.json", summary)
     return summary
+
+
+IN_L = 0.9  # an answer "is in L" when at least this share of its translatable words are L words
+
+
+def l_word_share(world: World, text: str) -> float | None:
+    """Share of L words among the words of `text` that belong to a language (None when there are none)."""
+    langs = [world.language_of(w) for w in text.split()]
+    langs = [x for x in langs if x]
+    return sum(x == "xx" for x in langs) / len(langs) if langs else None
 
 
 def _mean(xs) -> float:
@@ -324,11 +338,12 @@ def _mean(xs) -> float:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| Method | Composite: L math (acc.) | English math (acc.) | L words in L answers |",
-             "|---|---|---|---|"]
+    lines = ["| Method | Composite: L math (acc.) | English math (acc.) | L words in L answers | correct and in L |",
+             "|---|---|---|---|---|"]
     for m, r in results.items():
         lines.append(f"| {METHOD_LABELS[m]} | {100 * r['composite_accuracy']:.1f} | "
-                     f"{100 * r['english_accuracy']:.1f} | {100 * r['composite_l_word_share']:.0f}% |")
+                     f"{100 * r['english_accuracy']:.1f} | {100 * r['composite_l_word_share']:.0f}% | "
+                     f"{100 * r['composite_correct_in_l']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ Two skills, each learnable from its own data only:
 
 - the **language** skill (the paper's zh chat LoRA): chatting in L about the world -- reading a short L story and
   answering a question about it in L, with no arithmetic anywhere;
-- the **task** skill (the paper's math LoRA): English word problems of 2-3 steps with a short worked solution that
+- the **task** skill (the paper's math LoRA): English word problems of two steps with a short worked solution that
   writes one equation per step and ends with "the answer is N".
 
 The **composite** task needs both at different tokens: the same problems posed in L and answered with the worked
@@ -29,11 +29,12 @@ import random
 from dataclasses import dataclass, field
 
 MAX_NUMBER = 20  # every number in the world is one token, 0..MAX_NUMBER
-MAX_AMOUNT = 6  # what one step of a problem adds or removes: 1..MAX_AMOUNT
+MAX_AMOUNT = 5  # what one step of a problem adds or removes: 1..MAX_AMOUNT
+STEPS = 2  # steps of a word problem (each one equation of the worked solution)
 NAMES = {"tom": "he", "sam": "he", "ben": "he", "leo": "he", "ann": "she", "mia": "she", "eva": "she", "zoe": "she"}
 OBJECTS = ("apples", "pens", "coins", "books", "cards", "eggs", "shells", "stamps")
-ADD_VERBS = ("finds", "buys", "wins")  # the object count goes up
-SUB_VERBS = ("loses", "sells", "drops")  # the object count goes down
+ADD_VERBS = ("finds", "buys")  # the object count goes up
+SUB_VERBS = ("loses", "sells")  # the object count goes down
 ANIMALS = ("cat", "dog", "bird", "fish")
 PLACES = ("garden", "house", "park", "shop", "school")
 COLORS = ("red", "blue", "green", "small", "big")
@@ -43,7 +44,7 @@ PUNCT = (".", ",", "?", "+", "-", "=")
 CHAT = ("[INST]", "[/INST]")  # the Llama-2 chat markers (the tokenizer's chat template), as single words
 PARALLEL = "<=>"  # joins an English sentence and its L translation in the pretraining text
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in loraflow.tiny
-INFINITIVE = {"finds": "find", "buys": "buy", "wins": "win", "loses": "lose", "sells": "sell", "drops": "drop",
+INFINITIVE = {"finds": "find", "buys": "buy", "loses": "lose", "sells": "sell",
               "has": "have", "likes": "like", "counts": "count", "goes": "go"}
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z"]
@@ -168,11 +169,11 @@ class World:
 
     # ------------------------------------------------------------------------------------------- problems
     def sample_problem(self, rng: random.Random) -> Problem:
-        """2-3 steps of +/- with amounts 1..MAX_AMOUNT; every intermediate count stays in 0..MAX_NUMBER."""
+        """`STEPS` steps of +/- with amounts 1..MAX_AMOUNT; every intermediate count stays in 0..MAX_NUMBER."""
         while True:
             start = rng.randint(1, 15)
             steps, value = [], start
-            for _ in range(rng.choice((2, 3))):
+            for _ in range(STEPS):
                 add = rng.random() < 0.5
                 amount = rng.randint(1, MAX_AMOUNT)
                 value += amount if add else -amount
@@ -205,23 +206,33 @@ class World:
     # ------------------------------------------------------------------------------------ plain sentences
     def plain_clauses(self, rng: random.Random) -> list:
         """A few sentences about one person and one kind of thing (so later sentences repeat earlier words), with
-        no word problems: who has, finds, likes what; where animals are; counting; bare arithmetic facts.
+        no word problems: little stories of someone's things and how many they have now; who likes what; where
+        animals are; counting; bare arithmetic facts.
 
-        The arithmetic facts ("7 - 3 = 4 .") are there because a real base model knows them too (Llama-2 knows
-        7 - 3 = 4 but cannot solve a word problem): the task skill is turning a story into the right equations.
+        The stories and the arithmetic facts ("7 - 3 = 4 .") are there because a real base model knows such things
+        too (Llama-2 knows that losing 3 of 7 pens leaves 4, and 7 - 3 = 4, but does not answer a word problem with
+        a worked solution): the task skill is turning a question into the right equations, written out step by step.
+        Every word of a composite answer occurs in this text in both languages (a composite answer in L is new as
+        a whole, never in its words: Llama-2 knows the Chinese for "so" and "the answer is").
         """
         name = rng.choice(list(NAMES))
         pron, poss = NAMES[name], ("his" if NAMES[name] == "he" else "her")
         focus = rng.choice(OBJECTS)
         out: list = []
-        for _ in range(rng.randint(2, 4)):
+        for _ in range(rng.randint(2, 3)):
             kind = rng.randrange(7)
             obj = focus if rng.random() < 0.7 else rng.choice(OBJECTS)
-            if kind == 0:
-                out.append(Clause((name,), ("has",), (str(rng.randint(0, MAX_NUMBER)), obj)))
-            elif kind == 1:
-                verb = rng.choice(ADD_VERBS + SUB_VERBS)
-                out.append(Clause((pron,), (verb,), (str(rng.randint(1, MAX_AMOUNT)), obj)))
+            if kind in (0, 1):  # a story with a running count, often told ("now he has 9 pens .")
+                value = rng.randint(0, MAX_NUMBER)
+                out.append(Clause((name,), ("has",), (str(value), obj)))
+                for _ in range(rng.randint(1, 2)):
+                    add = value < MAX_NUMBER and (value == 0 or rng.random() < 0.5)
+                    n = rng.randint(1, min(MAX_AMOUNT, MAX_NUMBER - value if add else value))
+                    out.append(Clause((pron,), (rng.choice(ADD_VERBS if add else SUB_VERBS),), (str(n), obj)))
+                    value += n if add else -n
+                    if rng.random() < 0.7:
+                        now = ("so", "now", pron) if rng.random() < 0.5 else ("now", pron)
+                        out.append(Clause(now, ("has",), (str(value), obj)))
             elif kind == 2:
                 out.append(Clause((name,), ("likes",), (rng.choice(COLORS), obj)))
             elif kind == 3:
@@ -235,8 +246,12 @@ class World:
             else:  # a bare arithmetic fact, written the same in both languages
                 a = rng.randint(0, MAX_NUMBER)
                 b = rng.randint(1, MAX_AMOUNT)
-                out += [Equation(a, "+", b) if a + b <= MAX_NUMBER and (a < b or rng.random() < 0.5)
-                        else Equation(a, "-", min(a, b)), _END]
+                eq = (Equation(a, "+", b) if a + b <= MAX_NUMBER and (a < b or rng.random() < 0.5)
+                      else Equation(a, "-", min(a, b)))
+                if rng.random() < 0.5:
+                    out += [eq, _END]
+                else:  # "7 - 3 = 4 , so the answer is 4 ."
+                    out += [eq, Clause((), (), end=","), Clause(("so",), (), end=""), _answer_clause(eq.result)]
         return out
 
     def plain_text(self, rng: random.Random, lang: str) -> str:
@@ -252,9 +267,12 @@ class World:
     def chat_example(self, rng: random.Random, lang: str = "xx") -> dict:
         """Reading comprehension in chat form, no arithmetic: a short story, a question, a one-clause answer."""
         story = self.plain_clauses(rng)
-        while not any(isinstance(c, Clause) and c.verb for c in story):
+        def askable(c) -> bool:  # a clause a question can point at ("now he has 8 pens" repeats another)
+            return isinstance(c, Clause) and bool(c.verb) and c.subject[0] not in ("now", "so")
+
+        while not any(askable(c) for c in story):
             story = self.plain_clauses(rng)
-        target = rng.choice([c for c in story if isinstance(c, Clause) and c.verb])
+        target = rng.choice([c for c in story if askable(c)])
         verb = target.verb[0]
         if verb == "is":  # where is the cat ?
             q = Clause(("where",), ("is",), target.subject, end="?")
