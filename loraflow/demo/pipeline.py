@@ -40,7 +40,7 @@ from .training import LoopConfig, base_config, encode, pretrain_base, train_lora
 from .world import World, dataset
 
 # Bump a stage's version when its code changes what it produces: that stage and everything after it is redone.
-STAGE_VERSIONS = {"data": 5, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
+STAGE_VERSIONS = {"data": 6, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
 METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 METHOD_LABELS = {"base": "Base model", "lang": "Single LoRA: language", "task": "Single LoRA: task",
                  "average": "Fusion: average", "lorahub": "Fusion: LoRA-Hub", "flow": "Fusion: LoRA-Flow"}
@@ -396,6 +396,9 @@ def run_pipeline(cfg: DemoConfig, out: str | os.PathLike = "outputs/demo", asset
         print(f"== [{st.total}/{st.total}] plot the gate weights", flush=True)
         plot_files, extra = write_plots(cfg, out, base, loras, gate_path(gate), assets)
         files.update(plot_files)
+    from .report import dev_token_losses
+
+    extra["dev_token_loss"] = dev_token_losses(cfg, out, base, loras, gate_path(gate))
     seconds = round(time.time() - t0, 1)
     atomic_write_json(report / "results.json", {"config": dataclasses.asdict(cfg), "results": results,
                                                 "stage_seconds": st.timings, "seconds": seconds, **extra})

@@ -45,3 +45,47 @@ def write_plots(cfg, out: Path, base: Path, loras: list[Path], gate: Path,
                                        for i, name in enumerate(flow.lora_names)},
     }
     return files, facts
+
+
+def token_type(world, token: str) -> str:
+    """The kind of a response token: an L word, an English word, a number, an operator (+ - =) or other."""
+    lang = world.language_of(token)
+    if lang:
+        return "L word" if lang == "xx" else "English word"
+    if token.isdigit():
+        return "number"
+    return "operator" if token in ("+", "-", "=") else "other"
+
+
+def dev_token_losses(cfg, out: Path, base: Path, loras: list[Path], gate: Path) -> dict[str, dict[str, float]]:
+    """Mean cross-entropy of the reference composite answers of the dev set (never the test set) per method and
+    per kind of token (`token_type`): where each method fails to produce a composite answer."""
+    import torch
+
+    from loraflow.lorahub import load_weights
+
+    from .pipeline import load_flow, load_tokenizer, set_method
+    from .training import encode
+    from .world import World
+
+    world = World(cfg.seed)
+    flow = load_flow(base, loras, gate)
+    tok = load_tokenizer(base)
+    dev = [encode(tok, ex, 4096) for ex in read_jsonl(out / "data" / "composite_dev.jsonl")]
+    weights = load_weights(out / "lorahub" / "weights.json", flow.lora_names)
+    result = {}
+    for method in ("lang", "task", "average", "lorahub", "flow"):
+        set_method(flow, method, weights)
+        totals: dict[str, list[float]] = {}
+        with torch.no_grad():
+            for ex in dev:
+                ids = torch.tensor([ex["input_ids"]], device=flow.device)
+                logits = flow(input_ids=ids).logits[0, :-1].float()
+                labels = torch.tensor(ex["labels"][1:], device=flow.device)
+                keep = labels != -100
+                losses = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+                for t, loss in zip(labels[keep].tolist(), losses.tolist()):
+                    kind = "end" if t == tok.eos_token_id else token_type(world, tok.convert_ids_to_tokens(t))
+                    totals.setdefault(kind, []).append(loss)
+        result[method] = {kind: round(sum(v) / len(v), 3) for kind, v in sorted(totals.items())}
+    return result

@@ -39,7 +39,7 @@ ANIMALS = ("cat", "dog", "bird", "fish")
 PLACES = ("garden", "house", "park", "shop", "school")
 COLORS = ("red", "blue", "green", "small", "big")
 FUNCTION_WORDS = ("has", "have", "the", "a", "is", "in", "to", "of", "likes", "sees", "goes", "counts", "and",
-                  "how", "many", "does", "now", "what", "where", "so", "answer", "with", "his", "her")
+                  "how", "many", "does", "now", "what", "where", "so", "answer", "with", "his", "her", "happens")
 PUNCT = (".", ",", "?", "+", "-", "=")
 CHAT = ("[INST]", "[/INST]")  # the Llama-2 chat markers (the tokenizer's chat template), as single words
 PARALLEL = "<=>"  # joins an English sentence and its L translation in the pretraining text
@@ -265,23 +265,33 @@ class World:
         return f"{self.realize(clauses, first)} {PARALLEL} {self.realize(clauses, second)}"
 
     def chat_example(self, rng: random.Random, lang: str = "xx") -> dict:
-        """Reading comprehension in chat form, no arithmetic: a short story, a question, a one-clause answer."""
-        story = self.plain_clauses(rng)
-        def askable(c) -> bool:  # a clause a question can point at ("now he has 8 pens" repeats another)
-            return isinstance(c, Clause) and bool(c.verb) and c.subject[0] not in ("now", "so")
+        """Chat about a short story, no arithmetic (the story's equations are left out): half the time a question
+        about one sentence, answered with that sentence; half the time "what happens ?", answered by retelling the
+        whole story (long answers, as a chat LoRA writes them)."""
 
+        def told(c) -> bool:  # a sentence of the story (not an equation, nor "so the answer is N")
+            return isinstance(c, Clause) and bool(c.verb) and c.subject[:2] != ("the", "answer")
+
+        def askable(c) -> bool:  # a sentence a question can point at ("now he has 8 pens" repeats another)
+            return told(c) and c.subject[0] not in ("now", "so")
+
+        story = [c for c in self.plain_clauses(rng) if told(c)]
         while not any(askable(c) for c in story):
-            story = self.plain_clauses(rng)
-        target = rng.choice([c for c in story if askable(c)])
-        verb = target.verb[0]
-        if verb == "is":  # where is the cat ?
-            q = Clause(("where",), ("is",), target.subject, end="?")
-        elif verb == "goes":  # where does he go ?
-            q = Clause(("where", "does", *target.subject), ("go",), end="?")
-        else:  # what does tom have / like / count / find ... ?
-            q = Clause(("what", "does", *target.subject), (INFINITIVE[verb],), end="?")
+            story = [c for c in self.plain_clauses(rng) if told(c)]
+        if rng.random() < 0.5:
+            q, answer = Clause(("what",), ("happens",), end="?"), story
+        else:
+            target = rng.choice([c for c in story if askable(c)])
+            verb = target.verb[0]
+            if verb == "is":  # where is the cat ?
+                q = Clause(("where",), ("is",), target.subject, end="?")
+            elif verb == "goes":  # where does he go ?
+                q = Clause(("where", "does", *target.subject), ("go",), end="?")
+            else:  # what does tom have / like / count / find ... ?
+                q = Clause(("what", "does", *target.subject), (INFINITIVE[verb],), end="?")
+            answer = [target]
         prompt = self.realize(story, lang) + " " + self.realize([q], lang)
-        return {"prompt": prompt, "response": self.realize([target], lang), "language": lang}
+        return {"prompt": prompt, "response": self.realize(answer, lang), "language": lang}
 
 
 _END = Clause((), (), end=".")
