@@ -9,6 +9,7 @@
 #   DEMO_SIZE [full]   full (about 15 minutes on 2 CPU cores) or small (the CI-sized run: a minute or two)
 #   OUT       [outputs/demo, outputs/demo-small]   where every stage is cached; a rerun skips finished stages
 #   VENV, PYTHON, TORCH_SPEC, TORCH_INDEX_URL: see scripts/setup_env.sh (the CPU torch wheel when no GPU is seen)
+#   OMP_NUM_THREADS    torch threads; on a machine shared with other jobs, 1 can be several times faster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE="${DEMO_SIZE:-full}"

@@ -131,7 +131,7 @@ class Stages:
         marker = final / "done.json"
         if marker.is_file() and read_json(marker).get("hash") == key:
             print(f"== {title}: done already ({final})", flush=True)
-            self.timings[name] = 0.0
+            self.timings[name] = read_json(marker).get("seconds", 0.0)  # when it ran
             return final
         print(f"== {title}", flush=True)
         start = time.time()
