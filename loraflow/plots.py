@@ -8,7 +8,7 @@
   previous position, so this is the weight that produced the token).
 - `layer_bars`: each LoRA's weight per layer, averaged over the response tokens of a whole data set.
 
-Both record the weights with `FlowModel.record_gates()`; matplotlib (the `plots` extra) draws with the Agg backend,
+Both record the weights with `FlowModel.record_gates()`; matplotlib (the `plot` extra) draws with the Agg backend,
 so no display is needed.
 """
 
