@@ -21,6 +21,7 @@ writes; train_state.py documents the files. Every input is checked before the fi
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .data import IGNORE_INDEX, collate
+from .dev_metric import DevMetric, build_dev_metric
 from .distributed import (
     DistInfo,
     all_reduce_gate_grads,
@@ -61,7 +63,8 @@ from .train_state import (
 
 KILL_AFTER_STEP = "LORAFLOW_TEST_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that optimizer step
 # Fields a resumed run may change; anything else must match the saved config (it changes the numbers).
-RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "save_every", "log_every", "grad_ckpt", "out_dir", "device"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "save_every", "log_every", "grad_ckpt", "out_dir", "device",
+                     "dev_batch_size", "allow_code_execution"}
 
 __all__ = ["TrainConfig", "add_arguments", "run", "train", "fit"]
 
@@ -88,10 +91,11 @@ def train(cfg: TrainConfig) -> dict:
             barrier()
         tokenizer = load_tokenizer(cfg)
         train_set, dev_set = load_examples(cfg, tokenizer)
+        dev_metric = build_dev_metric(cfg, tokenizer)
         flow = load_model(cfg, info)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # ---- train and save
-        return fit(cfg, info, flow, train_set, dev_set, pad_id)
+        return fit(cfg, info, flow, train_set, dev_set, pad_id, dev_metric=dev_metric)
     finally:
         # ---- cleanup
         cleanup_distributed()
@@ -171,8 +175,11 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     return encode(train_records, cfg.limit), encode(dev_records, cfg.dev_limit)
 
 
-def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: list[dict], pad_id: int) -> dict:
-    """Train `flow`'s gates on tokenised examples with a resolved config; writes everything under the run dir."""
+def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: list[dict], pad_id: int,
+        dev_metric: DevMetric | None = None) -> dict:
+    """Train `flow`'s gates on tokenised examples with a resolved config; writes everything under the run dir.
+    `dev_metric` (`dev_metric.build_dev_metric`) also scores the dev set with the evaluation harness after each
+    epoch."""
     master = info.master
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = print if master else (lambda *a, **k: None)
@@ -245,10 +252,15 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
             metrics.write(step=step + 1, epoch=epoch + 1, lr=lr, **stats)
         if in_epoch + 1 == per_epoch:  # end of an epoch: dev loss, epoch gate, best gate so far, state
             dev_loss = evaluate(flow, dev_set, cfg.batch_per_device, pad_id, autocast, info) if dev_set else None
-            history.append({"epoch": epoch + 1, "dev_loss": dev_loss})
-            metrics.write(step=step + 1, epoch=epoch + 1, dev_loss=dev_loss)
+            entry = {"epoch": epoch + 1, "dev_loss": dev_loss}
+            if dev_metric is not None:
+                entry["dev_metric"] = dev_metric(flow, info, run_dir / "dev" / f"epoch_{epoch + 1}")
+                entry["dev_metric_name"] = dev_metric.name
+            history.append(entry)
+            metrics.write(step=step + 1, **entry)
             if master:
-                bar.write(f"[train] epoch {epoch + 1}/{cfg.epochs} done at step {step + 1}: dev loss {dev_loss}")
+                shown = f", dev {dev_metric.name} {entry['dev_metric']:.4f}" if dev_metric is not None else ""
+                bar.write(f"[train] epoch {epoch + 1}/{cfg.epochs} done at step {step + 1}: dev loss {dev_loss}{shown}")
                 save_gate_folder(flow, run_dir / f"epoch_{epoch + 1}", epoch=epoch + 1, step=step + 1,
                                  dev_loss=dev_loss, train_config=cfg.to_dict())
                 if best_epoch(history) == epoch + 1:
@@ -263,9 +275,10 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
     # ---- save: the final gate, the state (a longer --max-steps can continue), the summary (written last)
     if start < total_steps and total_steps % per_epoch:  # stopped mid-epoch by --max-steps
         save_state(total_steps)
+    selected_by = (f"dev {dev_metric.name} (ties: dev loss)" if dev_metric is not None else
+                   "dev loss" if dev_set else "last epoch (no dev set)")
     summary = {"run": cfg.run_name, "steps": total_steps, "epochs_done": len(history), "history": history,
-               "best_epoch": best_epoch(history), "selected_by": "dev loss" if dev_set else "last epoch (no dev set)",
-               "trainable_parameters": n_params}
+               "best_epoch": best_epoch(history), "selected_by": selected_by, "trainable_parameters": n_params}
     if master:
         save_gate_folder(flow, run_dir / "final", step=total_steps, train_config=cfg.to_dict())
         atomic_write_json(run_dir / "summary.json", summary)
@@ -358,9 +371,16 @@ def model_inputs(inputs: dict[str, torch.Tensor]) -> dict:
 
 
 def best_epoch(history: list[dict]) -> int | None:
-    """The epoch with the lowest dev loss (the first on ties); the last epoch when there is no dev loss."""
+    """The epoch with the highest dev metric when there is one (ties: the lower dev loss, then the earlier epoch),
+    else the lowest dev loss (the first on ties); the last epoch when there is neither."""
     if not history:
         return None
+    measured = [h for h in history if h.get("dev_metric") is not None]
+    if measured:
+        def rank(h):
+            return -h["dev_metric"], h["dev_loss"] if h["dev_loss"] is not None else math.inf, h["epoch"]
+
+        return min(measured, key=rank)["epoch"]
     scored = [h for h in history if h["dev_loss"] is not None]
     if not scored:
         return history[-1]["epoch"]

@@ -72,7 +72,7 @@ class TrainConfig:
                                        "jsonl (generic files: one {\"prompt\": ..., \"response\": ...} per line)")
     dev_file: str | None = opt(None, "a JSONL dev file (default: DATA_ROOT/dev/{language}_{task}_dev.jsonl if it "
                                      "exists)")
-    no_dev: bool = opt(False, "skip the dev loss even when a dev set exists", action=argparse.BooleanOptionalAction)
+    no_dev: bool = opt(False, "skip the dev loss even when a dev set exists", action="store_true")
     system_prompt: str | None = opt(None, "system prompt text (default: system_prompts.json's {language}_{task})")
     prompt_style: str = opt("llama2-chat", "prompt format: llama2-chat (the original) or chat-template (the "
                                            "tokenizer's own)", choices=PROMPT_STYLES)
@@ -82,6 +82,14 @@ class TrainConfig:
                              "response is kept whole when it fits)", type=int)
     limit: int | None = opt(None, "train on the first N examples only (smoke tests)", type=int)
     dev_limit: int | None = opt(None, "use the first N dev examples only", type=int)
+    dev_metric: bool = opt(False, "after each epoch also generate on the dev set and score it with the evaluation "
+                                  "harness (math dev accuracy, code dev pass@1); the best epoch is then the one with "
+                                  "the highest metric (see loraflow/dev_metric.py)",
+                           action=argparse.BooleanOptionalAction)
+    dev_max_new_tokens: int = opt(512, "--dev-metric: new tokens per dev item at most", type=int)
+    dev_batch_size: int = opt(8, "--dev-metric: prompts per generate call", type=int)
+    allow_code_execution: bool = opt(False, "--dev-metric on code: run the programs the model writes (sandboxed, "
+                                            "not a security boundary)", action=argparse.BooleanOptionalAction)
     # ---- optimisation (the original recipe, SPEC §2)
     preset: str | None = opt(None, f"published hyper-parameters of a pair ({', '.join(PRESETS)}); default: "
                                    "{language}_{task} when it is one", choices=list(PRESETS))
@@ -143,7 +151,7 @@ class TrainConfig:
             raise LoraflowError(f"precision {self.precision!r}: choose one of {PRECISIONS}")
         if self.device not in DEVICES:
             raise LoraflowError(f"device {self.device!r}: choose one of {DEVICES}")
-        for name in ("epochs", "grad_accum", "log_every"):
+        for name in ("epochs", "grad_accum", "log_every", "dev_max_new_tokens", "dev_batch_size"):
             _require(self, name, lambda v: v >= 1, "at least 1")
         for name in ("total_batch", "batch_per_device", "limit", "dev_limit", "max_steps"):
             _require(self, name, lambda v: v >= 1, "at least 1", optional=True)
@@ -178,6 +186,9 @@ class TrainConfig:
             self.run_name = pair if self.language and self.task else Path(self.train_file).stem
         if not _NAME.match(self.run_name):
             raise LoraflowError(f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-'")
+        from .dev_metric import check_dev_metric_config
+
+        check_dev_metric_config(self)
 
     # ------------------------------------------------------------------------------------------------ derived
     def resolve(self, world_size: int, device_type: str) -> TrainConfig:

@@ -19,7 +19,8 @@
 #   TEMPERATURE [1.1 for zh and ru math, else 1.0]  gate temperature (flow only)
 #   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
 #   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
-#   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder  PYTHON [python]
+#   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder
+#   PYTHON [the repository's .venv/bin/python if it exists, else python3]
 # Code tasks execute the programs the model writes (sandboxed, not a security boundary): this script passes
 # --allow-code-execution for them and says so.
 set -euo pipefail
@@ -28,6 +29,9 @@ if [ $# -ne 5 ]; then
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
   exit 2
 fi
+# this checkout's loraflow, whether or not it is pip-installed; paths stay relative to where you run the script
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 GPU_ID="$1"; PORT="$2"; LANGUAGE="$3"; TASK="$4"; GATE_PATH="$5"
 SPLIT="${SPLIT:-test}"
 METHOD="${METHOD:-flow}"
@@ -44,10 +48,9 @@ LORAHUB_BUDGET="${LORAHUB_BUDGET:-40}"
 LORAHUB_EXAMPLES="${LORAHUB_EXAMPLES:-}"
 PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
 NAME="${NAME:-}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 export CUDA_VISIBLE_DEVICES="$GPU_ID"
-# this checkout's loraflow, whether or not it is pip-installed; paths stay relative to where you run the script
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+
 : "$PORT"  # unused (see above)
 
 cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"

@@ -10,19 +10,22 @@
 #   GATE_DIR [checkpoints/Gates]  the flow gate of a pair: GATE_DIR/{pair}.pt, GATE_DIR/{pair}.safetensors or the
 #                                 folder GATE_DIR/{pair} (first found)
 #   OUT_DIR [outputs/eval]        results go to OUT_DIR/..., the table to OUT_DIR/table.md
-#   PYTHON [python]; everything else (SPLIT, BASE_MODEL, LORA_ROOT, DATA_ROOT, LIMIT, ...) goes to scripts/eval.sh
+#   PYTHON [the repository's .venv/bin/python if it exists, else python3]
+#   everything else (SPLIT, BASE_MODEL, LORA_ROOT, DATA_ROOT, LIMIT, ...) goes to scripts/eval.sh
 # Finished runs are not recomputed (eval resumes), so rerunning after a failure only does what is missing.
 # Code pairs execute model-written programs (see scripts/eval.sh).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-export PYTHONPATH="$(cd "$HERE/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+ROOT="$(cd "$HERE/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 GPU_ID="${1:-0}"
 PAIRS="${PAIRS:-zh_math ru_math es_math zh_code ru_code es_code}"
 METHODS="${METHODS:-base lang task average lorahub flow}"
 GATE_DIR="${GATE_DIR:-checkpoints/Gates}"
 export OUT_DIR="${OUT_DIR:-outputs/eval}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
+export PYTHON
 
 failed=()
 for pair in $PAIRS; do

@@ -22,13 +22,13 @@
 #   ONLY            [all]     a subset, e.g. ONLY="zh_lora math_lora zh_math"
 #                             (names: zh_lora ru_lora es_lora math_lora code_lora zh_math zh_code ru_math ...)
 #   CONVERT_BMTRAIN [0]       1 = also write the BMTrain/ModelCenter form of each LoRA to BM_LoRAs/
-#   PYTHON          [python3] the interpreter that has loraflow's dependencies
+#   PYTHON          [.venv/bin/python if it exists, else python3] the interpreter with loraflow's dependencies
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 BASE_MODEL="${BASE_MODEL-meta-llama/Llama-2-7b-hf}"
 REPO="${REPO:-Bowen232/LoRA-Flow}"
 REVISION="${REVISION:-}"

@@ -15,18 +15,19 @@
 #                         Languages the release already has (zh, ru, es) keep the release's file.
 #   OUT         [data]    where the data root is built
 #   FORCE       [0]       1 = replace existing files whose content differs (otherwise that is an error)
-#   PYTHON      [python3] the interpreter with loraflow importable
+#   PYTHON      [.venv/bin/python if it exists, else python3] the interpreter with loraflow importable
 #   LORAFLOW_REPO [https://github.com/thunlp/LoRAFlow]
 #   MGSM_URL    [https://raw.githubusercontent.com/google-research/url-nlp/main/mgsm]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT="$PWD"
 
 DATA_SRC="${DATA_SRC:-}"
 MGSM_SRC="${MGSM_SRC:-}"
 MGSM_LANGS="${MGSM_LANGS-en}"
 OUT="${OUT:-data}"
 FORCE="${FORCE:-0}"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 LORAFLOW_REPO="${LORAFLOW_REPO:-https://github.com/thunlp/LoRAFlow}"
 MGSM_URL="${MGSM_URL:-https://raw.githubusercontent.com/google-research/url-nlp/main/mgsm}"
 

@@ -22,7 +22,7 @@
 #   FSDP        [0]                           1 = shard the frozen base over the processes (FSDP2)
 #   NPROC       [1]                           CPU processes when there is no GPU
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]   passed to torchrun for multi-node runs
-#   PYTHON      [python]                      the interpreter whose torch and loraflow are used
+#   PYTHON      [.venv/bin/python if it exists, else python3]   the interpreter whose torch and loraflow are used
 #   TORCHRUN    [$PYTHON -m torch.distributed.run]    the launcher (the venv's, not a torchrun found on PATH)
 set -euo pipefail
 
@@ -30,6 +30,9 @@ if [ "$#" -lt 5 ]; then
   sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
+# this checkout's loraflow, whether or not it is pip-installed; paths stay relative to where you run the script
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 LANGUAGE="$1" TASK="$2" LR="$3" BATCH_PER_DEVICE="$4" MASTER_PORT="$5"
 shift 5
 
@@ -46,8 +49,8 @@ FSDP="${FSDP:-0}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-PYTHON="${PYTHON:-python}"
-read -r -a LAUNCHER <<< "${TORCHRUN:-$PYTHON -m torch.distributed.run}"
+PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
+if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m torch.distributed.run); fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   DEVICE=cuda

@@ -54,3 +54,12 @@ def tiny_pair(tmp_path_factory):
     base.save_pretrained(root / "base")
     loras = save_tiny_loras(lambda: tiny_model("llama", seed=0), root, {"lang_lora": 4, "task_lora": 8})
     return root / "base", loras
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and much faster than on two when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -48,8 +48,13 @@ def setup(tmp_path_factory, tiny_pair, loraflow_data):
     flow.save_gate(root / "gates" / "zh_math")
     tensors, config = read_gate(root / "gates" / "zh_math")
     write_gate(root / "gates" / "math_zh", tensors, {**config, "lora_names": ["math_lora", "zh_lora"]})
+    narrow = {k: v[:, :32] if v.dim() == 2 else v for k, v in tensors.items()}  # a gate for a hidden size of 32
+    write_gate(root / "gates" / "narrow", narrow, {**config, "hidden_size": 32})
+    triple = {k: torch.cat([v, v[:1]]) for k, v in tensors.items()}  # a gate for k = 3 LoRAs
+    write_gate(root / "gates" / "triple", triple, {**config, "k": 3, "lora_names": ["zh_lora", "math_lora", "x"]})
     return {"root": root, "base": base, "lora_root": lora_root, "gate": root / "gates" / "zh_math",
-            "swapped_gate": root / "gates" / "math_zh", "data": loraflow_data}
+            "swapped_gate": root / "gates" / "math_zh", "narrow_gate": root / "gates" / "narrow",
+            "triple_gate": root / "gates" / "triple", "data": loraflow_data}
 
 
 def _args(setup, out, *extra, task="math", language="zh", method="flow", gate=None, limit=3):
@@ -117,6 +122,71 @@ def test_eval_sh_code_task_runs_the_sandbox(setup, tmp_path):
     assert results["metrics"]["pass@1"] == 0.0  # a random tiny model writes no working program
     scored = (tmp_path / "humaneval_zh" / "task").glob("*.scored.jsonl")
     assert all("detail" in json.loads(line) for f in scored for line in f.read_text().splitlines())
+    assert results["config"]["scoring"]["timeout"] == 3.0  # the original's 3 s per program
+    # the same predictions rescored with another timeout: nothing is generated again
+    assert main(_args(setup, tmp_path, "--allow-code-execution", "--timeout", "2.5", task="code", method="task",
+                      limit=2)) == 0
+    rescored = json.loads((tmp_path / "humaneval_zh" / "task" / "results.json").read_text())
+    assert rescored["config"]["scoring"]["timeout"] == 2.5
+
+
+def test_dev_split_is_the_math_dev_set(setup, tmp_path):
+    """SPLIT=dev: the translated MetaMathQA dev set (gate selection), gold after "The answer is", both scorers."""
+    assert main(_args(setup, tmp_path, "--split", "dev", method="task", limit=2)) == 0
+    folder = tmp_path / "math-dev_zh" / "task"
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    assert (results["task"], results["split"]) == ("math-dev", "dev") and results["counts"]["ids_scored"] == 2
+    assert set(results["metrics"]) == {"accuracy", "accuracy_strict"}
+    assert results["config"]["data"].endswith("dev/zh_math_dev.jsonl")
+    scored = [json.loads(line) for line in (folder / "predictions.scored.jsonl").read_text().splitlines()]
+    assert all({"extracted", "correct", "extracted_strict", "correct_strict", "gold"} <= set(r) for r in scored)
+
+
+KILLER = """
+import os, runpy, signal, sys
+from pathlib import Path
+from loraflow.eval import generate as gen
+log, kill_at, real = Path(os.environ["BATCH_LOG"]), int(os.environ.get("KILL_AT_BATCH", "0")), gen.generate_batch
+def batch(model, tokenizer, ids, config):
+    with log.open("a") as f:
+        f.write(f"{len(ids)}\\n")
+    if kill_at and len(log.read_text().splitlines()) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # after the earlier batches were written, before this one is
+    return real(model, tokenizer, ids, config)
+gen.generate_batch = batch
+sys.argv = ["loraflow", *sys.argv[3:]]  # called as: python -c KILLER -m loraflow.cli eval ...
+runpy.run_module("loraflow.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_eval_sh_killed_and_rerun_resumes(setup, tmp_path):
+    """SIGKILL in the middle of generation, then the same command again: the finished items are not generated
+    again, and the predictions end up as those of a run that was never interrupted."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/usr/bin/env bash\nexec {sys.executable} -c '{KILLER}' \"$@\"\n")
+    python.chmod(0o755)
+    log = tmp_path / "batches.log"
+
+    def eval_sh(out, **extra):
+        env = _env(setup, out, PYTHON=str(python), BATCH_LOG=str(log), METHOD="average", LIMIT="5",
+                   BATCH_SIZE="2", **extra)
+        return subprocess.run(["bash", str(ROOT / "scripts/eval.sh"), "0", "0", "zh", "math", "-"], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    killed = eval_sh(tmp_path / "out", KILL_AT_BATCH="3")
+    assert killed.returncode == -9 or killed.returncode == 137, killed.stderr[-3000:]
+    predictions = tmp_path / "out" / "mgsm_zh" / "average" / "predictions.jsonl"
+    assert len(predictions.read_text(encoding="utf-8").splitlines()) == 4  # two batches of 2 made it to disk
+    assert not (predictions.parent / "results.json").exists()
+    log.unlink()
+    resumed = eval_sh(tmp_path / "out")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert log.read_text().split() == ["1"]  # only the fifth item
+    assert main(_args(setup, tmp_path / "straight", method="average", limit=5)) == 0  # the same run, in one go
+    assert predictions.read_text(encoding="utf-8") == (
+        tmp_path / "straight" / "mgsm_zh" / "average" / "predictions.jsonl").read_text(encoding="utf-8")
+    assert json.loads((predictions.parent / "results.json").read_text())["counts"]["ids_scored"] == 5
 
 
 def test_rerun_after_a_crash_generates_only_what_is_missing(setup, tmp_path, monkeypatch):
@@ -148,9 +218,12 @@ BAD = {  # case: (overrides of _args, extra arguments, message)
     "unknown language": ({"language": "xx"}, [], "no mgsm data for language 'xx'"),
     "split of another task": ({"task": "mgsm"}, ["--split", "dev"], "'mgsm' is a test set"),
     "gate for other LoRAs": ({"gate": "SWAPPED"}, [], "trained on LoRAs ['math_lora', 'zh_lora']"),
+    "gate of another hidden size": ({"gate": "NARROW"}, [], "hidden size is 32, but the model has 64"),
+    "gate for another k": ({"gate": "TRIPLE"}, [], "k (number of LoRAs) is 3, but the model has 2"),
     "code without opt-in": ({"task": "code"}, [], "pass --allow-code-execution"),
     "flow without gate": ({"gate": ""}, [], "--method flow needs --gate"),
     "temperature without gate": ({"method": "task"}, ["--temperature", "1.0"], "only --method flow has a gate"),
+    "non-positive timeout": ({}, ["--timeout", "0"], "--timeout must be > 0 seconds"),
     "missing LoRA": ({}, ["--lora-root", "/nonexistent"], "LoRA /nonexistent/zh_lora does not exist"),
     "data file with a missing field": ({}, ["--data", "BADDATA"], "bad_math_test.jsonl:2: missing field 'question'"),
 }
@@ -161,7 +234,8 @@ def test_bad_input_fails_clearly_and_keeps_earlier_results(setup, tmp_path, monk
     overrides, extra, message = BAD[case]
     bad_data = tmp_path / "bad_math_test.jsonl"
     bad_data.write_text('{"question": "1+1?", "answer": "2"}\n{"answer": "3"}\n', encoding="utf-8")
-    names = {"SWAPPED": str(setup["swapped_gate"]), "BADDATA": str(bad_data)}
+    names = {"SWAPPED": str(setup["swapped_gate"]), "NARROW": str(setup["narrow_gate"]),
+             "TRIPLE": str(setup["triple_gate"]), "BADDATA": str(bad_data)}
     overrides = {k: names.get(v, v) for k, v in overrides.items()}
     extra = [names.get(a, a) for a in extra]
     out = tmp_path / "out"

@@ -118,6 +118,14 @@ HOSTILE = {
                 time.sleep(0.01)
         threading.Thread(target=spin).start()
         """) + GOOD, "passed", "passed"),
+    "daemon thread outlives the timeout": (textwrap.dedent("""
+        import os, threading, time
+        def later():
+            time.sleep(5)  # past the timeout: the run must be over (and its processes gone) by then
+            print(":passed")
+            os._exit(0)
+        threading.Thread(target=later, daemon=True).start()
+        """) + GOOD.replace("a + b", "a - b"), "failed", "failed: AssertionError"),
 }
 
 

@@ -67,10 +67,12 @@ def test_unknown_id_names_file_and_line(tmp_path, loraflow_data, capsys):
 
 
 def test_math_dev(tmp_path, loraflow_data):
+    """Math dev records carry an `id` (MetaMathQA's): predictions are matched by it, as `loraflow eval` writes them."""
     data = loraflow_data / "dev" / "zh_math_dev.jsonl"
+    ids = [str(json.loads(line)["id"]) for line in data.open(encoding="utf-8")][:2]
     preds = write_predictions(tmp_path / "p.jsonl", [
-        {"id": "0", "generation": "The answer is: 3", "language": "zh"},  # item 0's gold is 3
-        {"id": "1", "generation": "The answer is: 5", "language": "zh"}])  # item 1's is 4
+        {"id": ids[0], "generation": "The answer is: 3", "language": "zh"},  # item 0's gold is 3
+        {"id": ids[1], "generation": "The answer is: 5", "language": "zh"}])  # item 1's is 4
     assert main(["score", "--task", "math-dev", "--predictions", str(preds), "--data-root",
                  str(loraflow_data)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

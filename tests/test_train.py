@@ -14,17 +14,10 @@ from train_world import assert_same_gate, build_world, read_metrics, write_jsonl
 from loraflow import FlowModel, LoraflowError, cli
 from loraflow.distributed import epoch_order, micro_batches, step_batches
 from loraflow.tiny import tiny_lora, tiny_model
-from loraflow.train import train
+from loraflow.train import best_epoch, train
 from loraflow.train_config import PRESETS, TrainConfig, add_arguments, config_from_args, lr_at, schedule_steps
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster than on two when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +59,13 @@ def test_batch_split_that_does_not_divide_is_refused():
     ({"language": "zh", "task": "math", "prompt_style": "alpaca"}, "prompt_style 'alpaca'"),
     ({"language": "zh/..", "task": "math"}, "language 'zh/..'"),
     ({"train_file": "x.jsonl", "lr": 1e-3, "total_batch": 4}, "give --loras"),
+    ({"language": "zh", "task": "code", "dev_metric": True}, "pass --allow-code-execution"),
+    ({"language": "zh", "task": "math", "dev_metric": True, "fsdp": True}, "does not work with --fsdp"),
+    ({"language": "zh", "task": "poetry", "lr": 1e-3, "total_batch": 4, "dev_metric": True},
+     "no dev benchmark for task 'poetry'"),
+    ({"train_file": "x.jsonl", "loras": ["a"], "lr": 1e-3, "total_batch": 4, "dev_metric": True},
+     "--dev-metric needs --language and --task"),
+    ({"language": "zh", "task": "math", "dev_max_new_tokens": 0}, "dev_max_new_tokens must be at least 1"),
 ])
 def test_invalid_config_raises(kwargs, message):
     with pytest.raises(LoraflowError, match=message):
@@ -153,6 +153,76 @@ def test_run_writes_checkpoints_and_loss_decreases(world, tmp_path):
     assert loaded.gates()[0].weight.abs().sum() > 0
     with pytest.raises(LoraflowError, match="already holds a run"):
         train(world.config(tmp_path))
+
+
+def test_defaults_and_optimizer_follow_the_original_recipe(world, tmp_path):
+    """SPEC §2: AdamW (decoupled weight decay 0.1, betas 0.9/0.95, eps 1e-5) on the gates only, clipping 1.0, 5 epochs,
+    seed 0, max length 4096, LoRA dropout on; metrics.jsonl has step, loss, lr, grad norm and tokens/s."""
+    cfg = TrainConfig(language="zh", task="math")
+    assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, cfg.clip_grad) == (0.1, 0.9, 0.95, 1e-5, 1.0)
+    assert (cfg.epochs, cfg.seed, cfg.max_len, cfg.lora_dropout, cfg.grad_accum) == (5, 0, 4096, True, 1)
+    assert (cfg.prompt_style, cfg.cot_suffix, cfg.grad_ckpt, cfg.fsdp) == ("llama2-chat", False, False, False)
+    train(world.config(tmp_path, max_steps=2))  # the world's config leaves every optimizer knob at its default
+    state = torch.load(tmp_path / "zh_math" / "state" / "trainer.pt", weights_only=True)
+    (group,) = state["optimizer"]["param_groups"]
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.1, (0.9, 0.95), 1e-5)
+    assert group["decoupled_weight_decay"] is True  # AdamW, not Adam with L2
+    assert len(group["params"]) == 2 * 2  # two layers × (W, b): nothing but the gates
+    rows = [r for r in read_metrics(tmp_path / "zh_math") if "loss" in r]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "response_tokens", "tokens_per_s"} <= set(rows[0])
+    _, schedule = schedule_steps(8, 4, 3)
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 5e-2, schedule, 0.2) for s in range(2)])
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_lora_dropout_is_active_while_training_and_switchable(world, tmp_path):
+    """With dropout on, a step sees dropped LoRA activations (another gate than without), reproducibly (seeded)."""
+    from train_world import read_gate
+
+    for name, dropout in (("on", True), ("on_again", True), ("off", False)):
+        train(world.config(tmp_path / name, max_steps=1, lora_dropout=dropout))
+    on, again, off = (read_gate(tmp_path / name / "zh_math" / "final") for name in ("on", "on_again", "off"))
+    assert all(torch.equal(on[k], again[k]) for k in on)
+    assert any(not torch.allclose(on[k], off[k], atol=1e-7) for k in on)
+
+
+def test_best_epoch_prefers_the_dev_metric():
+    history = [{"epoch": 1, "dev_loss": 1.0, "dev_metric": 0.2}, {"epoch": 2, "dev_loss": 0.5, "dev_metric": 0.1},
+               {"epoch": 3, "dev_loss": 0.9, "dev_metric": 0.2}]
+    assert best_epoch(history) == 3  # the highest metric; between equal metrics, the lower dev loss
+    assert best_epoch([{**h, "dev_metric": None} for h in history]) == 2  # no metric: the lowest dev loss
+    assert best_epoch([{"epoch": e, "dev_loss": None} for e in (1, 2)]) == 2  # neither: the last epoch
+
+
+def test_dev_metric_scores_every_epoch_with_the_eval_harness(world, tmp_path, monkeypatch):
+    """--dev-metric: after each epoch the dev set is generated and scored as `loraflow score` does; the best epoch
+    (the gate exported beside the run) is the one with the highest metric, whatever the dev loss says."""
+    from loraflow.eval import run as eval_run
+
+    real, calls = eval_run.score, []
+    planted = [0.0, 1.0, 0.5]  # a random tiny model scores 0 everywhere: plant metrics that pick epoch 2
+
+    def score(*args, **kwargs):
+        results = real(*args, **kwargs)
+        calls.append(results)
+        return {**results, "metrics": {**results["metrics"], "accuracy": planted[len(calls) - 1]}}
+
+    monkeypatch.setattr(eval_run, "score", score)
+    summary = train(world.config(tmp_path, dev_metric=True, dev_max_new_tokens=4, dev_batch_size=2))
+    run = tmp_path / "zh_math"
+    for epoch, results in enumerate(calls, 1):
+        folder = run / "dev" / f"epoch_{epoch}"
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["0", "1", "2"] and all(r["split"] == "dev" for r in rows)
+        assert rows[0]["prompt"].startswith("[INST] <<SYS>>\n你是中文助手。")  # the eval prompt, SPEC §3
+        saved = json.loads((folder / "results.json").read_text())
+        assert saved["task"] == "math-dev" and saved["counts"]["ids_scored"] == 3 and saved == results
+    assert len(calls) == 3
+    assert [h["dev_metric"] for h in summary["history"]] == planted
+    assert summary["best_epoch"] == 2 and summary["selected_by"].startswith("dev accuracy")
+    assert_same_gate(tmp_path / "zh_math.safetensors", run / "epoch_2", atol=0, rtol=0)
+    epoch_rows = [r for r in read_metrics(run) if "dev_metric" in r]
+    assert [r["dev_metric"] for r in epoch_rows] == planted and epoch_rows[0]["dev_metric_name"] == "accuracy"
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(world, tmp_path):

