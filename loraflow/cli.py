@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
     "eval": ("loraflow.eval.run", "generate and score one benchmark with one fusion method (base ... flow)"),
     "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
+    "plot-gates": ("loraflow.plots", "plot a FlowModel's gate weights: per layer × token heatmap, per-layer bars"),
     "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
     "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),
 }

@@ -1,0 +1,208 @@
+"""The embedded demo (loraflow/demo) and the gate-weight plots (loraflow/plots.py, `loraflow plot-gates`)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+
+import pytest
+import torch
+
+from loraflow.cli import main
+from loraflow.demo.pipeline import LORA_NAMES, METHOD_LABELS, METHODS, DemoConfig
+from loraflow.demo.training import encode, world_tokenizer
+from loraflow.demo.world import ADD_VERBS, World, dataset
+from loraflow.errors import LoraflowError
+
+# ------------------------------------------------------------------------------------------------------ the world
+
+
+def test_world_is_a_function_of_its_seed():
+    a, b, c = World(0), World(0), World(1)
+    assert a.lexicon == b.lexicon and a.lexicon != c.lexicon
+    assert dataset(a, "math-xx", 5, seed=3) == dataset(b, "math-xx", 5, seed=3)
+    assert len(set(a.lexicon.values())) == len(a.lexicon)  # a bijection: L is translatable back
+
+
+def test_tokenizer_round_trips_every_kind_of_text():
+    world = World(0)
+    tok = world_tokenizer(world.vocabulary())
+    for kind in ("plain-en", "plain-xx", "parallel", "chat-xx", "math-en", "math-xx"):
+        for ex in dataset(world, kind, 20, seed=7):
+            for text in (ex.get("text"), ex.get("prompt"), ex.get("response")):
+                if text is None:
+                    continue
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids, text
+                assert tok.decode(ids) == text
+
+
+def test_chat_examples_use_the_chat_template_and_train_on_the_response_only():
+    world = World(0)
+    tok = world_tokenizer(world.vocabulary())
+    ex = dataset(world, "math-xx", 1, seed=0)[0]
+    enc = encode(tok, ex, 512)
+    prompt_len = enc["labels"].count(-100)
+    assert tok.decode(enc["input_ids"][:prompt_len]) == f"<s> [INST] {ex['prompt']} [/INST]"
+    assert tok.decode(enc["labels"][prompt_len:]) == f"{ex['response']} </s>"
+
+
+def test_composite_answers_need_both_skills_and_end_with_the_answer():
+    """An L answer holds L words (the language skill) and the equations (the task skill); its last equation's
+    result and the number of L's answer phrase are the answer, which the MGSM scorer extracts."""
+    from loraflow.eval.mgsm import score_mgsm
+
+    world = World(0)
+    for ex in dataset(world, "math-xx", 50, seed=0):
+        words = ex["response"].split()
+        assert any(world.language_of(w) == "xx" for w in words)
+        assert not any(world.language_of(w) == "en" for w in words)
+        assert "=" in words and ("+" in words or "-" in words)
+        phrase = world.answer_phrase["xx"].split()  # L is verb-final: "<the> <answer> N <is> ."
+        assert words[-3 - len(phrase):-3] == phrase and words[-3] == str(ex["answer"])
+        assert score_mgsm(ex["response"], str(ex["answer"]))["correct"]
+        assert score_mgsm(ex["response"], str(ex["answer"]))["correct_strict"]
+    en = dataset(world, "math-en", 1, seed=0)[0]
+    assert en["response"].endswith(f"the answer is {en['answer']} .")
+
+
+def test_problems_are_consistent():
+    world = World(0)
+    rng = random.Random(0)
+    for _ in range(200):
+        p = world.sample_problem(rng)
+        value = p.start
+        for verb, n in p.steps:
+            value += n if verb in ADD_VERBS else -n
+            assert 0 <= value <= 20
+        assert value == p.answer
+
+
+def test_demo_config_refuses_bad_values():
+    with pytest.raises(LoraflowError, match="demo size"):
+        DemoConfig.of_size("huge")
+    with pytest.raises(LoraflowError, match="hidden"):
+        DemoConfig(hidden=30, heads=4)
+
+
+# ---------------------------------------------------------------------------------------------- the small demo
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assets = out.parent / "assets"
+    assert main(["demo", "--size", "small", "--out", str(out), "--assets", str(assets)]) == 0
+    return out, assets
+
+
+@pytest.mark.slow
+def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
+    out, assets = small_demo
+    table = (out / "report" / "table.md").read_text().splitlines()
+    assert table[0].startswith("| Method | Composite: L math (acc.) | English math (acc.)")
+    assert len(table) == 2 + len(METHODS)
+    for line, method in zip(table[2:], METHODS):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == METHOD_LABELS[method]
+        assert all(re.fullmatch(r"\d+\.\d", c) for c in cells[1:3]), line
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert set(results["results"]) == set(METHODS)
+    for method in METHODS:
+        r = results["results"][method]
+        assert 0 <= r["composite_accuracy"] <= 1 and 0 <= r["english_accuracy"] <= 1
+        for lang in ("xx", "en"):  # loraflow score's outputs, one line per test item
+            scored = (out / f"eval_{method}" / lang / "predictions.scored.jsonl").read_text().splitlines()
+            n = 16 if lang == "xx" else 8
+            assert len(scored) == n and all("correct" in json.loads(s) for s in scored)
+    for png in (out / "report" / "gate_heatmap.png", out / "report" / "gate_layers.png",
+                assets / "demo_gate_heatmap.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gate = json.loads((out / "gate" / "gate.json").read_text())
+    assert gate["lora_names"] == list(LORA_NAMES)
+    assert (out / "gate" / "gate" / "summary.json").is_file()  # the `loraflow train` run itself
+    weights = json.loads((out / "lorahub" / "weights.json").read_text())
+    assert len(weights["weights"]) == 2 and len(weights["history"]) == DemoConfig.of_size("small").lorahub_budget
+    mean = results["mean_gate_weight_per_layer"]
+    assert set(mean) == set(LORA_NAMES) and all(len(v) == 2 for v in mean.values())
+
+
+@pytest.mark.slow
+def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys):
+    out, _ = small_demo
+    before = (out / "report" / "table.md").read_text()
+    assert main(["demo", "--size", "small", "--out", str(out), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done already") == 6 + len(METHODS)
+    assert (out / "report" / "table.md").read_text() == before
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_files(tiny_pair, tmp_path_factory):
+    """The tiny pair plus a gate with non-trivial weights and a tokenizer saved beside the base."""
+    from loraflow import FlowModel
+    from loraflow.tiny import tiny_tokenizer
+
+    base, loras = tiny_pair
+    root = tmp_path_factory.mktemp("plots")
+    tok_dir = root / "tok"
+    tiny_tokenizer().save_pretrained(str(tok_dir))
+    flow = FlowModel.from_pretrained(str(base), loras=[str(p) for p in loras])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in flow.gate_parameters():
+            p.normal_(0, 1.0)
+    flow.save_gate(root / "gate")
+    return base, loras, root / "gate", tok_dir, flow
+
+
+def test_teacher_forced_weights_are_the_ones_that_generated_the_tokens(tiny_flow_files):
+    """Column j of the heatmap = the gate weights while predicting token j, the same whether recorded during
+    generation or by one forward pass over prompt + generation."""
+    from loraflow.plots import record_generation, record_teacher_forced
+    from loraflow.tiny import tiny_tokenizer
+
+    *_, flow = tiny_flow_files
+    tok = tiny_tokenizer()
+    w_gen, tokens, ids = record_generation(flow, tok, "abc", max_new_tokens=6, return_ids=True)
+    w_tf, tokens_tf = record_teacher_forced(flow, tok, "abc", ids)
+    assert tokens_tf == tokens and w_gen.shape == w_tf.shape == (flow.num_layers, len(tokens), flow.k)
+    torch.testing.assert_close(w_gen, w_tf, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(w_gen[:, 0], w_gen[:, -1])  # the weights change from token to token
+
+
+@pytest.mark.slow
+def test_plot_gates_command_prompt_and_predictions(tiny_flow_files, tmp_path):
+    base, loras, gate, tok_dir, _ = tiny_flow_files
+    common = ["plot-gates", "--base", str(base), "--loras", *map(str, loras), "--gate", str(gate),
+              "--tokenizer", str(tok_dir)]
+    assert main([*common, "--prompt", "hello", "--max-new-tokens", "5", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "gate_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text("".join(json.dumps({"id": str(i), "prompt": f"q{i}", "generation": f" answer {i}"}) + "\n"
+                             for i in range(3)))
+    assert main([*common, "--predictions", str(preds), "--item", "1", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "gate_heatmap.png").is_file() and (tmp_path / "b" / "gate_layers.png").is_file()
+    assert main([*common, "--predictions", str(preds), "--item", "7", "--out", str(tmp_path / "c")]) == 2
+
+
+def test_plot_gates_without_matplotlib_is_a_clear_error(monkeypatch, tiny_flow_files, capsys, tmp_path):
+    base, loras, gate, tok_dir, _ = tiny_flow_files
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    code = main(["plot-gates", "--base", str(base), "--loras", *map(str, loras), "--gate", str(gate),
+                 "--prompt", "x", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "loraflow[plot]" in err
+
+
+def test_heatmap_refuses_mismatched_labels(tmp_path):
+    from loraflow.plots import gate_heatmap
+
+    with pytest.raises(LoraflowError, match="3 tokens"):
+        gate_heatmap(torch.rand(2, 4, 2), ["a", "b", "c"], ["x", "y"], tmp_path / "h.png")
