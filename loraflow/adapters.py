@@ -162,6 +162,9 @@ def load_adapter(source: str | os.PathLike, name: str | None = None, subfolder: 
         raise LoraflowError(f"{folder / ADAPTER_CONFIG}: peft_type is {peft_type}, only LORA adapters can be fused")
     if config.get("use_dora"):
         raise LoraflowError(f"{folder / ADAPTER_CONFIG}: use_dora is true; DoRA adapters cannot be fused")
+    dropout = config.get("lora_dropout", 0.0) or 0.0
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise LoraflowError(f"{folder / ADAPTER_CONFIG}: lora_dropout={dropout!r}; it must be a number in [0, 1)")
     if config.get("bias", "none") not in ("none", None):
         raise LoraflowError(f"{folder / ADAPTER_CONFIG}: bias={config['bias']!r}; only bias='none' can be fused")
     weight_file = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)

@@ -48,9 +48,16 @@ class FusionGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, seq, hidden) -> (batch, seq, k)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.to(self.weight.dtype), self.weight) / self.temperature
-            return torch.softmax(logits, dim=-1) + self.bias
+        if torch.is_autocast_enabled(x.device.type):  # entering the context costs more than the gate when decoding
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._weights(x)
+        return self._weights(x)
+
+    def _weights(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.to(self.weight.dtype), self.weight)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=-1) + self.bias
 
     def extra_repr(self) -> str:
         return f"hidden={self.weight.shape[1]}, k={self.k}, temperature={self.temperature}"

@@ -119,10 +119,20 @@ class FusedLoRALinear(nn.Module):
                 return F.linear(x, self.lora_A)
             s, e = self.segments[segment]
             return F.linear(x, self.lora_A[s:e])
+        probs = [self.dropouts[i] for i in ids]
+        if x.device.type == "cpu":  # see lora_dropout_masks: a third of the cost of F.dropout's masks on CPU
+            masks, scales = lora_dropout_masks(x, probs)
+        else:  # CUDA & co.: torch's fused dropout kernel is the fastest there
+            masks, scales = None, [1.0] * len(ids)
         parts = []
-        for i in ids:
+        for j, i in enumerate(ids):
             s, e = self.segments[i]
-            parts.append(F.linear(F.dropout(x, self.dropouts[i], training=True), self.lora_A[s:e]))
+            if masks is None:
+                dropped = F.dropout(x, probs[j], training=True) if probs[j] > 0 else x
+            else:
+                dropped = x if masks[j] is None else _KeepMask.apply(x, masks[j])
+            h = F.linear(dropped, self.lora_A[s:e])
+            parts.append(h if scales[j] == 1.0 else h * scales[j])  # 1/(1-p) on the rank-wide output, not on x
         return torch.cat(parts, dim=-1)
 
     def _column_scale(self, state: FusionState) -> torch.Tensor:
@@ -165,6 +175,51 @@ class FusedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {i: e - s for i, (s, e) in self.segments.items()}
         return f"in={self.in_features}, out={self.out_features}, ranks={ranks}"
+
+
+DROPOUT_BITS = 16
+
+
+def lora_dropout_masks(x: torch.Tensor, probs: list[float]) -> tuple[list[torch.Tensor | None], list[float]]:
+    """Independent dropout keep-masks shaped like `x`, one per probability, and the matching 1/(1 - p) scales.
+
+    On CPU torch's Bernoulli sampling (what `F.dropout` uses) costs about as much as a projection's own matmul. Here
+    all masks of one call come from a single draw of raw random bits, 16 bits per element: element j is kept when
+    its 16 bits, read as a signed number, are >= -2^15 + round(p * 2^16). So the drop probability is p rounded to a
+    multiple of 2^-16 (0.1 -> 0.100006) and the scale uses that rounded value, which keeps E[mask * scale] = 1
+    exactly. The bits come from torch's default generator, so `torch.manual_seed` makes them reproducible.
+    Masks are uint8 (1 byte per element, as torch's own dropout keeps for the backward pass); None where p is 0.
+    """
+    thresholds = [round(p * 2**DROPOUT_BITS) for p in probs]
+    drawn = [j for j, t in enumerate(thresholds) if t > 0]
+    masks: list[torch.Tensor | None] = [None] * len(probs)
+    scales = [1.0] * len(probs)
+    if not drawn:
+        return masks, scales
+    n = x.numel()
+    words = -(-n * len(drawn) // 4)  # int64 words holding 4 x 16 bits
+    bits = torch.randint(-2**63, 2**63 - 1, (words,), dtype=torch.int64, device=x.device).view(torch.int16)
+    for slot, j in enumerate(drawn):
+        chunk = bits[slot * n:(slot + 1) * n].view(x.shape)
+        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        masks[j] = torch.ge(chunk, -2**15 + thresholds[j], out=keep)
+        scales[j] = 2**DROPOUT_BITS / (2**DROPOUT_BITS - thresholds[j])
+    return masks, scales
+
+
+class _KeepMask(torch.autograd.Function):
+    """x * mask for a 0/1 uint8 mask, keeping only the 1-byte mask for the backward pass (x * mask.float() would
+    keep a mask as wide as x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return x * mask.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.dtype), None
 
 
 ADDMM_MIN_ROWS = 32  # below this many tokens (decoding) the reshapes around addmm cost more than the add it saves

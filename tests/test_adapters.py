@@ -85,6 +85,16 @@ def test_rank_disagreeing_with_config_is_refused(tiny_pair, tmp_path):
         load_adapter(tmp_path / "bad")
 
 
+@pytest.mark.parametrize("value", [1.0, -0.1, "0.1"])
+def test_lora_dropout_outside_0_1_is_refused(tiny_pair, tmp_path, value):
+    shutil.copytree(tiny_pair[1][0], tmp_path / "bad")
+    cfg = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
+    cfg["lora_dropout"] = value
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoraflowError, match=r"bad/adapter_config.json: lora_dropout=.* must be a number in \[0, 1\)"):
+        load_adapter(tmp_path / "bad")
+
+
 def test_unfusable_keys_and_incomplete_pairs_are_refused(tiny_pair, tmp_path):
     for name, edit, match in [
         ("dora", lambda sd: sd.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector":

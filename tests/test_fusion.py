@@ -236,3 +236,68 @@ def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode
         y16 = layer(x)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), expected, atol=0.15 * expected.abs().max().item(), rtol=0.05)
+
+
+def test_gate_computes_in_fp32_under_autocast_and_divides_by_temperature():
+    from loraflow.gate import FusionGate
+
+    gen = torch.Generator().manual_seed(0)
+    gate = FusionGate(16, 3, temperature=1.7, bias_init="uniform")
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(3, 16, generator=gen))
+    x = torch.randn(2, 5, 16, generator=gen)
+    expected = torch.softmax(x @ gate.weight.T / 1.7, dim=-1)
+    torch.testing.assert_close(gate(x), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 matmul would round the logits
+        w = gate(x.to(torch.bfloat16))
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, torch.softmax(x.to(torch.bfloat16).float() @ gate.weight.T / 1.7, dim=-1))
+
+
+def test_cpu_dropout_masks_are_bernoulli_with_rounded_p_independent_and_seeded():
+    from loraflow.layers import DROPOUT_BITS, lora_dropout_masks
+
+    x = torch.empty(400, 501)  # odd size: the last int64 word of bits is only partly used
+    torch.manual_seed(3)
+    masks, scales = lora_dropout_masks(x, [0.1, 0.0, 0.3])
+    torch.manual_seed(3)
+    again, _ = lora_dropout_masks(x, [0.1, 0.0, 0.3])
+    assert masks[1] is None and scales[1] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip((masks[0], masks[2]), (again[0], again[2])))
+    unit = 2.0**-DROPOUT_BITS
+    for mask, p, scale in ((masks[0], 0.1, scales[0]), (masks[2], 0.3, scales[2])):
+        assert mask.dtype == torch.uint8 and mask.shape == x.shape and set(mask.unique().tolist()) == {0, 1}
+        rounded = round(p / unit) * unit
+        assert scale == pytest.approx(1.0 / (1.0 - rounded), rel=1e-12)  # E[mask * scale] = 1 exactly
+        dropped = 1.0 - mask.double().mean().item()
+        assert abs(dropped - rounded) < 5 * (p * (1 - p) / x.numel()) ** 0.5  # 5 sigma
+    both = ((masks[0] == 0) & (masks[2] == 0)).double().mean().item()
+    assert abs(both - 0.03) < 5 * (0.03 * 0.97 / x.numel()) ** 0.5  # independent masks
+    rows = masks[0].double().mean(dim=1)
+    assert rows.std() < 0.05  # no structure along a dimension (every element gets its own bits)
+
+
+def test_fused_projection_with_dropout_is_the_plain_sum_over_masked_inputs():
+    """Training mode, dropout on: y = base(x) + sum_i w_i s_i B_i A_i (x * mask_i) / (1 - p_i), gradients too."""
+    from loraflow.layers import FusedLoRALinear, FusionState, lora_dropout_masks
+
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(24, 40).requires_grad_(False)
+    loras = [(torch.randn(4, 24, generator=gen), torch.randn(40, 4, generator=gen), 2.0, 0.1),
+             (torch.randn(6, 24, generator=gen), torch.randn(40, 6, generator=gen), 0.5, 0.25)]
+    state = FusionState(2)
+    layer = FusedLoRALinear(base, loras, state).train()
+    x = torch.randn(2, 40, 24, generator=gen, requires_grad=True)
+    w = torch.rand(2, 40, 2, generator=gen)
+    state.set_weights(w)
+    torch.manual_seed(7)
+    y = layer(x)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
+    torch.manual_seed(7)
+    masks, scales = lora_dropout_masks(x, [0.1, 0.25])
+    expected = base(x) + sum(w[..., i:i + 1] * s * scales[i] * ((x * masks[i]) @ a.T @ b.T)
+                             for i, (a, b, s, _) in enumerate(loras))
+    (gx_expected,) = torch.autograd.grad(expected.pow(2).sum(), x)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_expected, atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(y, layer.eval()(x))  # the masks did drop something
