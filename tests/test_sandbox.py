@@ -13,12 +13,20 @@ import textwrap
 import pytest
 
 from loraflow.errors import LoraflowError
-from loraflow.eval.sandbox import SandboxLimits, check_program, group_members, run_many, run_sandboxed
+from loraflow.eval import sandbox
+from loraflow.eval.sandbox import (
+    SandboxLimits,
+    check_program,
+    group_members,
+    run_many,
+    run_sandboxed,
+    shutdown_fork_server,
+)
 
 
-def run(program: str, timeout: float = 2.0, **limits) -> dict:
+def run(program: str, timeout: float = 2.0, fork_server: bool = True, **limits) -> dict:
     outcome = run_sandboxed(textwrap.dedent(program), timeout, allow_code_execution=True,
-                            limits=SandboxLimits(grace=0.5, **limits))
+                            limits=SandboxLimits(grace=0.5, **limits), fork_server=fork_server)
     assert group_members(outcome["pid"]) == [], "processes of the run are still alive"
     return outcome
 
@@ -40,11 +48,12 @@ def test_code_execution_needs_opt_in():
             call()
 
 
-def test_pass_and_fail():
-    assert run(GOOD)["status"] == "passed"
-    bad = run(GOOD.replace("a + b", "a - b"))
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "fresh-interpreter"])
+def test_pass_and_fail(fork_server):
+    assert run(GOOD, fork_server=fork_server)["status"] == "passed"
+    bad = run(GOOD.replace("a + b", "a - b"), fork_server=fork_server)
     assert bad["status"] == "failed" and bad["detail"] == "failed: AssertionError"
-    assert run("def f(:\n")["detail"].startswith("failed: SyntaxError")
+    assert run("def f(:\n", fork_server=fork_server)["detail"].startswith("failed: SyntaxError")
     result = check_program(GOOD, 2.0, allow_code_execution=True)
     assert result["passed"] is True and result["result"] == "passed"
 
@@ -129,10 +138,11 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "fresh-interpreter"])
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_program_is_contained(name):
+def test_hostile_program_is_contained(name, fork_server):
     program, status, detail = HOSTILE[name]
-    outcome = run(program, timeout=1.5)
+    outcome = run(program, timeout=1.5, fork_server=fork_server)
     assert outcome["status"] == status, outcome
     assert outcome["detail"].startswith(detail), outcome
 
@@ -175,9 +185,11 @@ def test_memory_grows_until_the_limit():
     assert outcome["status"] == "failed" and outcome["detail"] == "failed: MemoryError"
 
 
-def test_environment_is_scrubbed(monkeypatch):
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "fresh-interpreter"])
+def test_environment_is_scrubbed(monkeypatch, fork_server):
     secret = "do-not-leak-" + os.urandom(8).hex()
     monkeypatch.setenv("LORAFLOW_TEST_SECRET", secret)
+    shutdown_fork_server()  # a server started now sees the secret in the evaluator's environment
     outcome = run("""
         import os
         print(dict(os.environ))
@@ -188,7 +200,9 @@ def test_environment_is_scrubbed(monkeypatch):
                 pass
         assert "LORAFLOW_TEST_SECRET" not in os.environ
         assert set(os.environ) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR"}
-        """)
+        assert os.environ["HOME"] == os.environ["TMPDIR"] == os.getcwd() != "/"  # this run's temp dir
+        assert sorted(int(fd) for fd in os.listdir("/proc/self/fd")) == [0, 1, 2, 3, 4, 5]  # + 2 dups, listdir
+        """, fork_server=fork_server)
     assert outcome["status"] == "passed", outcome
     assert secret not in outcome["stdout"] + outcome["stderr"]
 
@@ -243,3 +257,42 @@ def test_cannot_signal_outside_processes():
     if "pid" not in outcome["isolation"]:
         pytest.skip("no PID namespace here: the program can signal the user's processes (documented)")
     assert outcome["status"] == "passed", outcome
+
+
+def test_fork_server_is_reused_restarted_when_killed_and_optional():
+    shutdown_fork_server()
+    assert run(GOOD, fork_server=False)["status"] == "passed" and sandbox._SERVER is None
+    assert run(GOOD)["status"] == "passed"
+    server = sandbox._SERVER
+    assert server is not None and server.alive()
+    assert run(GOOD)["status"] == "passed" and sandbox._SERVER is server  # one server for many runs
+    os.kill(server.pid, 9)
+    server.proc.wait()
+    assert run(GOOD)["status"] == "passed"  # a new one
+    assert sandbox._SERVER is not server and sandbox._SERVER.alive()
+
+
+def test_run_fails_cleanly_when_the_fork_server_dies_during_it():
+    import threading
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(run("import time\ntime.sleep(20)\n" + GOOD, timeout=30)))
+    worker.start()
+    server = None
+    for _ in range(200):  # wait until the run has started
+        server = sandbox._SERVER
+        if server is not None and any(group_members(pid) for pid in _children(server.pid)):
+            break
+        threading.Event().wait(0.05)
+    os.kill(server.pid, 9)
+    worker.join(timeout=20)
+    assert not worker.is_alive()
+    assert result["status"] == "failed" and "fork server died" in result["detail"], result
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
