@@ -13,14 +13,14 @@ import textwrap
 import pytest
 
 from loraflow.errors import LoraflowError
-from loraflow.eval import sandbox
+from loraflow.eval import forkserver
+from loraflow.eval.forkserver import shutdown_fork_server
 from loraflow.eval.sandbox import (
     SandboxLimits,
     check_program,
     group_members,
     run_many,
     run_sandboxed,
-    shutdown_fork_server,
 )
 
 
@@ -261,15 +261,15 @@ def test_cannot_signal_outside_processes():
 
 def test_fork_server_is_reused_restarted_when_killed_and_optional():
     shutdown_fork_server()
-    assert run(GOOD, fork_server=False)["status"] == "passed" and sandbox._SERVER is None
+    assert run(GOOD, fork_server=False)["status"] == "passed" and forkserver._SERVER is None
     assert run(GOOD)["status"] == "passed"
-    server = sandbox._SERVER
+    server = forkserver._SERVER
     assert server is not None and server.alive()
-    assert run(GOOD)["status"] == "passed" and sandbox._SERVER is server  # one server for many runs
+    assert run(GOOD)["status"] == "passed" and forkserver._SERVER is server  # one server for many runs
     os.kill(server.pid, 9)
     server.proc.wait()
     assert run(GOOD)["status"] == "passed"  # a new one
-    assert sandbox._SERVER is not server and sandbox._SERVER.alive()
+    assert forkserver._SERVER is not server and forkserver._SERVER.alive()
 
 
 def test_run_fails_cleanly_when_the_fork_server_dies_during_it():
@@ -280,7 +280,7 @@ def test_run_fails_cleanly_when_the_fork_server_dies_during_it():
     worker.start()
     server = None
     for _ in range(200):  # wait until the run has started
-        server = sandbox._SERVER
+        server = forkserver._SERVER
         if server is not None and any(group_members(pid) for pid in _children(server.pid)):
             break
         threading.Event().wait(0.05)

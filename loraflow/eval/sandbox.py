@@ -49,7 +49,6 @@ IMAGE loraflow score ...`, or in a VM.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import marshal
@@ -58,17 +57,16 @@ import secrets
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import LoraflowError
+from .forkserver import FORK_SERVER_SUPPORTED, ForkServer, get_fork_server
 
 BOOTSTRAP = Path(__file__).with_name("_bootstrap.py")
 OPT_IN = (
@@ -123,7 +121,7 @@ def run_sandboxed(program: str, timeout: float = 3.0, *, allow_code_execution: b
               "parent_pid": os.getpid(), "isolate": limits.isolate, "cpu_seconds": int(timeout + limits.grace) + 1,
               "site_packages": _site_packages() if python is None else [],
               **{k: v for k, v in asdict(limits).items() if k not in ("grace", "isolate", "output_bytes")}}
-    server = _fork_server() if fork_server and python is None and FORK_SERVER_SUPPORTED else None
+    server = get_fork_server() if fork_server and python is None and FORK_SERVER_SUPPORTED else None
     if server is not None:
         config["parent_pid"], config["env"] = server.pid, _clean_env(tmpdir)
     start = time.monotonic()
@@ -195,121 +193,6 @@ def _start(server: ForkServer | None, python: str | None, tmpdir: str, config_fd
         os.close(out_w)
         os.close(err_w)
     return _Child(pid, out_r, err_r, server=server)
-
-
-FORK_SERVER_SUPPORTED = sys.platform.startswith("linux") and hasattr(socket, "send_fds") and os.path.isdir("/proc")
-
-
-class ForkServer:
-    """A `python -I -S _bootstrap.py --serve` process that forks each run's supervisor from itself.
-
-    Starting a fresh interpreter and importing what the bootstrap and typical programs need is most of a run's cost
-    (~25 ms of ~50 ms); a fork of this small, already-initialised interpreter costs ~1 ms. It is started once per
-    evaluator process (scrubbed environment, own session, cwd /), never runs program code, and holds nothing but
-    the bootstrap and `PRELOAD`'s stdlib modules. Each forked child gets exactly what a freshly started bootstrap
-    gets (new session, stdin /dev/null, its own stdout/stderr pipes, no other file descriptor, the scrubbed
-    environment of its run), then runs the same `main()`. Its pid is reported back and it is reaped only when the
-    evaluator asks (`reap`), after the group kill, as with a direct child. Thread-safe (one request at a time).
-    """
-
-    def __init__(self):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = subprocess.Popen(
-                [*_interpreter(None), str(BOOTSTRAP), "--serve", str(theirs.fileno())], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=_clean_env("/"),
-                pass_fds=(theirs.fileno(),), start_new_session=True)
-        finally:
-            theirs.close()
-        self.sock, self.owner, self.lock = ours, os.getpid(), threading.Lock()
-        ours.settimeout(30.0)
-        if self._recv() != b"R":
-            self.close()
-            raise LoraflowError("the sandbox's fork server did not start")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.owner == os.getpid() and self.proc.poll() is None
-
-    def _recv(self) -> bytes:
-        try:
-            return self.sock.recv(64)
-        except OSError:
-            return b""
-
-    def spawn(self, fds: tuple[int, int, int]) -> int:
-        with self.lock:
-            try:
-                socket.send_fds(self.sock, [b"F"], list(fds))
-            except OSError as e:
-                raise ForkServerGone(f"the sandbox's fork server is gone ({e})") from None
-            reply = self._recv()
-        if not reply.startswith(b"P"):
-            raise ForkServerGone("the sandbox's fork server did not fork")
-        return int(reply[1:])
-
-    def reap(self, pid: int) -> int | None:
-        """The child's exit code (negative: killed by that signal); None if the server died meanwhile."""
-        with self.lock:
-            try:
-                self.sock.send(b"W%d" % pid)
-            except OSError:
-                return None
-            reply = self._recv()
-        if not reply.startswith(b"S") or reply == b"S-9999":
-            return None
-        return int(reply[1:])
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        if self.owner == os.getpid():
-            try:
-                self.proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class ForkServerGone(LoraflowError):
-    pass
-
-
-_SERVER: ForkServer | None = None
-_SERVER_LOCK = threading.Lock()
-
-
-def _fork_server() -> ForkServer:
-    """This process's fork server, started on first use and again if it died (a program may kill it where there
-    are no namespaces: it runs as the same user)."""
-    global _SERVER
-    with _SERVER_LOCK:
-        if _SERVER is None or not _SERVER.alive():
-            if _SERVER is not None:
-                _SERVER.close()
-            _SERVER = ForkServer()
-        return _SERVER
-
-
-def shutdown_fork_server() -> None:
-    """Stop this process's fork server, if any (also done at exit)."""
-    global _SERVER
-    with _SERVER_LOCK:
-        if _SERVER is not None:
-            _SERVER.close()
-            _SERVER = None
-
-
-def _forget_server_in_child() -> None:  # a forked evaluator must not share its parent's server socket
-    global _SERVER, _SERVER_LOCK
-    _SERVER, _SERVER_LOCK = None, threading.Lock()
-
-
-atexit.register(shutdown_fork_server)
-os.register_at_fork(after_in_child=_forget_server_in_child)
 
 
 def run_many(programs: list[str], timeout: float = 3.0, workers: int | None = None, *,
