@@ -287,7 +287,7 @@ def test_run_fails_cleanly_when_the_fork_server_dies_during_it():
     os.kill(server.pid, 9)
     worker.join(timeout=20)
     assert not worker.is_alive()
-    assert result["status"] == "failed" and "fork server died" in result["detail"], result
+    assert result["status"] == "failed" and "fork server was lost" in result["detail"], result
 
 
 def _children(pid: int) -> list[int]:
@@ -296,3 +296,26 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+def test_a_server_that_does_not_answer_in_time_is_replaced():
+    """A reply that timed out would answer the next request: the server is marked broken and a new one started."""
+    import threading
+
+    shutdown_fork_server()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(run("import time\ntime.sleep(20)\n", timeout=1.5)))
+    worker.start()
+    server, child = None, []
+    for _ in range(200):
+        server = forkserver._SERVER
+        child = _children(server.pid) if server is not None else []
+        if child:
+            break
+        threading.Event().wait(0.05)
+    server.sock.settimeout(0.2)
+    assert server.reap(child[0]) is None  # the child still runs: no reply in time
+    assert not server.alive()
+    worker.join(timeout=20)
+    assert result["status"] == "failed" and "fork server was lost" in result["detail"], result
+    assert run(GOOD)["status"] == "passed" and forkserver._SERVER is not server

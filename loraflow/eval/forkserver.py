@@ -45,7 +45,7 @@ class ForkServer:
                 pass_fds=(theirs.fileno(),), start_new_session=True)
         finally:
             theirs.close()
-        self.sock, self.owner, self.lock = ours, os.getpid(), threading.Lock()
+        self.sock, self.owner, self.lock, self.broken = ours, os.getpid(), threading.Lock(), False
         ours.settimeout(30.0)
         if self._recv() != b"R":
             self.close()
@@ -56,13 +56,18 @@ class ForkServer:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.owner == os.getpid() and self.proc.poll() is None
+        return not self.broken and self.owner == os.getpid() and self.proc.poll() is None
 
     def _recv(self) -> bytes:
         try:
-            return self.sock.recv(64)
-        except OSError:
-            return b""
+            reply = self.sock.recv(64)
+        except OSError:  # a timeout too: a late reply would answer the next request, so this server is done
+            reply = b""
+        if not reply:
+            self.broken = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # the server sees EOF and exits; its children die with it
+        return reply
 
     def spawn(self, fds: tuple[int, int, int]) -> int:
         with self.lock:

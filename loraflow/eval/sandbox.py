@@ -375,7 +375,8 @@ def _outcome(nonce, returncode, why, out, err, timeout, limits, duration, pid) -
                    if line.startswith(nonce + " ") and " " in line[len(nonce) + 1:])
     passed = f"\n{nonce}:passed\n" in stdout
     if returncode is None and why is None:  # the fork server died before it could report the exit status
-        status, detail = "failed", "failed: the sandbox's fork server died during the run (exit status unknown)"
+        status, detail = "failed", ("failed: the sandbox's fork server was lost during the run (died or stopped "
+                                    "answering; exit status unknown)")
     elif why == "timeout":
         status, detail = "timed out", f"timed out: still running after {timeout + limits.grace:g} s, killed"
     elif why == "output":
