@@ -73,6 +73,7 @@ def build_decode_variants(shape: ModelShape, loras: list[Path], device, dtype, m
     from peft import PeftModel
 
     from .model import FlowModel
+    from .tiny import randomize_gates
 
     out = {}
     if "base" in names:
@@ -88,11 +89,7 @@ def build_decode_variants(shape: ModelShape, loras: list[Path], device, dtype, m
                                                   mode="static", static_weights=[1.0 / len(loras)] * len(loras))
     if "flow" in names:
         flow = FlowModel.from_pretrained(base_model(shape, device, dtype, max_positions), loras)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # a non-trivial gate (the cost does not depend on its values)
-            for gate in flow.gates():
-                gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 0.02)
-        out["flow"] = flow
+        out["flow"] = randomize_gates(flow, seed=0, std=0.02)  # non-trivial (the cost does not depend on values)
     if "xlora" in names:
         out["xlora"] = xlora_model(base_model(shape, device, dtype, max_positions), loras, shape.hidden, device)
     return out

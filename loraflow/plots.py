@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraflowError
+from .files import atomic_path
 
 
 def _pyplot():
@@ -129,10 +130,15 @@ def gate_heatmap(weights: torch.Tensor, tokens: Sequence[str], lora_names: Seque
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     if title:
         axes[0, 0].set_title(title, fontsize=10)
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str | os.PathLike) -> Path:
+    """Lay out, write atomically (temp file, then rename; the format from the name, PNG by default), close."""
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path
 
@@ -154,12 +160,7 @@ def layer_bars(mean_weights: torch.Tensor, lora_names: Sequence[str], path: str 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -75,6 +75,27 @@ def save_tiny_loras(model_factory, out_dir: str | os.PathLike, names_ranks: dict
     return paths
 
 
+def randomize_gates(flow, seed: int = 0, std: float = 1.0):
+    """Give every gate of a FlowModel a random W (normal, `std`), layer by layer from one seeded generator, so
+    its fusion weights vary per token; returns `flow`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in flow.gates():
+            weight = torch.randn(gate.weight.shape, generator=gen)
+            gate.weight.copy_(weight if std == 1.0 else weight * std)
+    return flow
+
+
+def tiny_original_gate(layers: int = 2, k: int = 2, hidden: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random gate in the released LoRA-Flow `.pt` layout (fp16 `lora_fusion_gate.weight` and `weight_bias`)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        out[f"encoder.layers.{i}.lora_fusion_gate.weight"] = torch.randn(k, hidden, generator=gen).half()
+        out[f"encoder.layers.{i}.weight_bias"] = torch.randn(1, k, generator=gen).half()
+    return out
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer (256 byte tokens + <unk> <s> </s> <pad>): handles any language, needs no training.
 

@@ -10,7 +10,7 @@ import torch
 from loraflow import FlowModel, LoraflowError
 from loraflow.checkpoints import read_gate
 from loraflow.convert import gate_loraflow_to_original, gate_original_to_loraflow
-from loraflow.tiny import tiny_lora, tiny_model
+from loraflow.tiny import tiny_lora, tiny_model, tiny_original_gate
 
 
 @pytest.fixture
@@ -73,17 +73,8 @@ def test_mismatched_gate_loads_fail_clearly(trained, tiny_pair, tmp_path):
         FlowModel.from_pretrained(tiny_model("llama"), tiny_pair[1], gate=tmp_path / "g")
 
 
-def _original_gate(layers=2, k=2, hidden=64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for i in range(layers):
-        out[f"encoder.layers.{i}.lora_fusion_gate.weight"] = torch.randn(k, hidden, generator=gen).half()
-        out[f"encoder.layers.{i}.weight_bias"] = torch.randn(1, k, generator=gen).half()
-    return out
-
-
 def test_original_gate_round_trip_is_identical():
-    original = _original_gate()
+    original = tiny_original_gate()
     back = gate_loraflow_to_original(gate_original_to_loraflow(original))
     assert back.keys() == original.keys()
     for key in original:
@@ -91,7 +82,7 @@ def test_original_gate_round_trip_is_identical():
 
 
 def test_original_pt_gate_loads_into_flow_model(tiny_pair, tmp_path):
-    original = _original_gate()
+    original = tiny_original_gate()
     torch.save(original, tmp_path / "zh_math.pt")
     flow = FlowModel.from_pretrained(tiny_model("llama"), tiny_pair[1], gate=tmp_path / "zh_math.pt")
     for i, gate in enumerate(flow.gates()):
@@ -105,7 +96,7 @@ def test_original_pt_gate_loads_into_flow_model(tiny_pair, tmp_path):
     (lambda sd: sd.update({"encoder.layers.1.lora_fusion_gate.weight": torch.zeros(2, 63)}), r"expected \(2, 64\)"),
 ])
 def test_original_gate_refusals_name_the_key(broken, match):
-    sd = _original_gate()
+    sd = tiny_original_gate()
     broken(sd)
     with pytest.raises(LoraflowError, match=match):
         gate_original_to_loraflow(sd)

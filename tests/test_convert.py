@@ -17,7 +17,7 @@ from loraflow.convert_cli import convert_base, convert_gate, convert_lora
 from loraflow.errors import LoraflowError
 from loraflow.files import load_tensors
 from loraflow.shards import ShardWriter, TensorSource, parse_size
-from loraflow.tiny import tiny_lora, tiny_model
+from loraflow.tiny import tiny_lora, tiny_model, tiny_original_gate
 
 TOKENS = torch.tensor([[1, 70, 71, 72, 90, 100, 5], [1, 8, 9, 10, 11, 12, 13]])
 
@@ -58,15 +58,6 @@ def hf_dir(base, tmp_path_factory):
     base.save_pretrained(path, max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").is_file()
     return path
-
-
-def _original_gate(k=2, hidden=64, layers=2, seed=0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i in range(layers):
-        out[f"encoder.layers.{i}.lora_fusion_gate.weight"] = torch.randn(k, hidden, generator=g).half()
-        out[f"encoder.layers.{i}.weight_bias"] = torch.randn(1, k, generator=g).half()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
@@ -213,7 +204,7 @@ def test_unrepresentable_hf_configs_are_refused(base_config):
 # ----------------------------------------------------------------------------------------------- gates
 @pytest.mark.parametrize("form", ["folder", "file"])
 def test_gate_round_trip_original_loraflow_original(form, tmp_path):
-    original = _original_gate(seed=4)
+    original = tiny_original_gate(seed=4)
     torch.save(original, tmp_path / "ru_math.pt")
     out = tmp_path / ("ru_math" if form == "folder" else "ru_math.safetensors")
     convert_gate(tmp_path / "ru_math.pt", out, "loraflow")
@@ -256,7 +247,7 @@ def test_bad_inputs_are_refused_naming_the_key_and_nothing_is_written(kind, muta
         key = "model.layers.0.mlp.down_proj.weight"
         run = lambda out: convert_base(src, out, "modelcenter")  # noqa: E731
     else:
-        src, state, name = tmp_path / "in", _original_gate(layers=3), "zh_code.pt"  # layer 1 of 3 can go missing
+        src, state, name = tmp_path / "in", tiny_original_gate(layers=3), "zh_code.pt"  # layer 1 of 3 can go missing
         src.mkdir()
         key = "encoder.layers.1.lora_fusion_gate.weight"
         run = lambda out: convert_gate(src / name, out, "loraflow")  # noqa: E731
@@ -301,21 +292,21 @@ def test_malicious_pickle_is_refused_and_never_executed(what, base_config, tmp_p
 
 # ----------------------------------------------------------------------------------------------- outputs, CLI
 def test_existing_output_identical_is_kept_different_needs_force(tmp_path, capsys):
-    torch.save(_original_gate(seed=1), tmp_path / "a.pt")
-    torch.save(_original_gate(seed=2), tmp_path / "b.pt")
+    torch.save(tiny_original_gate(seed=1), tmp_path / "a.pt")
+    torch.save(tiny_original_gate(seed=2), tmp_path / "b.pt")
     out = tmp_path / "gate"
     assert convert_gate(tmp_path / "a.pt", out, "loraflow", lora_names=["x", "y"]) == "written"
     assert convert_gate(tmp_path / "a.pt", out, "loraflow", lora_names=["x", "y"]) == "unchanged"
     with pytest.raises(LoraflowError, match="already exists and differs.*--force"):
         convert_gate(tmp_path / "b.pt", out, "loraflow", lora_names=["x", "y"])
-    _assert_same(load_tensors(out / "gate.safetensors"), C.gate_original_to_loraflow(_original_gate(seed=1)))
+    _assert_same(load_tensors(out / "gate.safetensors"), C.gate_original_to_loraflow(tiny_original_gate(seed=1)))
     assert convert_gate(tmp_path / "b.pt", out, "loraflow", lora_names=["x", "y"], force=True) == "replaced"
-    _assert_same(load_tensors(out / "gate.safetensors"), C.gate_original_to_loraflow(_original_gate(seed=2)))
+    _assert_same(load_tensors(out / "gate.safetensors"), C.gate_original_to_loraflow(tiny_original_gate(seed=2)))
     assert not _leftovers(tmp_path)
 
 
 def test_cli_convert_and_errors(tmp_path, capsys):
-    torch.save(_original_gate(), tmp_path / "es_code.pt")
+    torch.save(tiny_original_gate(), tmp_path / "es_code.pt")
     assert cli.main(["convert", "gate", "--to", "loraflow", str(tmp_path / "es_code.pt"), str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "gate.json").read_text())["lora_names"] == ["es_lora", "code_lora"]
     assert cli.main(["convert", "gate", "--to", "original", str(tmp_path / "g"), str(tmp_path / "o.pt")]) == 0

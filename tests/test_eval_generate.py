@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from loraflow import FlowModel, LoraflowError
 from loraflow.eval import generate as gen
@@ -17,7 +16,7 @@ from loraflow.eval.generate import (
     generate_texts,
     read_predictions,
 )
-from loraflow.tiny import tiny_model, tiny_tokenizer
+from loraflow.tiny import randomize_gates, tiny_model, tiny_tokenizer
 
 PROMPTS = ["Question: how many legs do three spiders have? Answer:", "hi", "Écrivez une fonction.",
            "2 + 2 =", "写一个函数，返回列表中最大的数。" * 2]
@@ -26,12 +25,7 @@ PROMPTS = ["Question: how many legs do three spiders have? Answer:", "hi", "Écr
 @pytest.fixture(scope="module")
 def flow(tiny_pair):
     _, loras = tiny_pair
-    model = FlowModel.from_pretrained(tiny_model("llama", seed=0), loras)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for gate in model.gates():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
-    return model
+    return randomize_gates(FlowModel.from_pretrained(tiny_model("llama", seed=0), loras), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from loraflow import FlowModel
 from loraflow.cli import main
 from loraflow.eval import generate as gen
 from loraflow.eval import run as eval_run
-from loraflow.tiny import tiny_tokenizer
+from loraflow.tiny import randomize_gates, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("nevergrad")
@@ -40,11 +40,7 @@ def setup(tmp_path_factory, tiny_pair, loraflow_data):
     lora_root.mkdir()
     for name, target in (("zh_lora", lang_lora), ("math_lora", task_lora), ("code_lora", task_lora)):
         (lora_root / name).symlink_to(target, target_is_directory=True)
-    flow = FlowModel.from_pretrained(base, [lora_root / "zh_lora", lora_root / "math_lora"])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for gate in flow.gates():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
+    flow = randomize_gates(FlowModel.from_pretrained(base, [lora_root / "zh_lora", lora_root / "math_lora"]), seed=0)
     flow.save_gate(root / "gates" / "zh_math")
     tensors, config = read_gate(root / "gates" / "zh_math")
     write_gate(root / "gates" / "math_zh", tensors, {**config, "lora_names": ["math_lora", "zh_lora"]})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraflow import FlowModel
-from loraflow.tiny import tiny_model
+from loraflow.tiny import randomize_gates, tiny_model
 
 PAD = 3
 
@@ -14,12 +14,7 @@ PAD = 3
 @pytest.fixture
 def flow(tiny_pair):
     _, loras = tiny_pair
-    model = FlowModel.from_pretrained(tiny_model("llama", seed=0), loras)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for gate in model.gates():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen))
-    return model
+    return randomize_gates(FlowModel.from_pretrained(tiny_model("llama", seed=0), loras), seed=1)
 
 
 MODES = [("flow", {}), ("static", {"weights": [0.5, 0.5]}), ("single", {"lora": 0}), ("base", {})]
