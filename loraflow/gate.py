@@ -54,7 +54,8 @@ class FusionGate(nn.Module):
         return self._weights(x)
 
     def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.to(self.weight.dtype), self.weight)
+        weight = self.weight
+        logits = F.linear(x if x.dtype == weight.dtype else x.to(weight.dtype), weight)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return torch.softmax(logits, dim=-1) + self.bias

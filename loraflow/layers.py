@@ -97,6 +97,7 @@ class FusedLoRALinear(nn.Module):
         self.scalings = {i: float(lora[2]) for i, lora in present}
         self.dropouts = {i: float(lora[3]) for i, lora in present}
         self.layout = tuple((i, self.segments[i], self.scalings[i]) for i, _ in present)
+        self.any_dropout = any(p > 0 for p in self.dropouts.values())
 
     @property
     def in_features(self) -> int:
@@ -149,28 +150,37 @@ class FusedLoRALinear(nn.Module):
                 scale = state.weights.index_select(-1, self.lora_index) * self.lora_scaling
             else:
                 scale = state.static.index_select(0, self.lora_index) * self.lora_scaling
-            scale = scale.to(self.lora_A.dtype)
+            dtype = self.lora_A.dtype
+            if scale.dtype != dtype:
+                scale = scale.to(dtype)
             state.cache[self.layout] = scale
         return scale
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Decoding runs this once per projection per token, so it keeps Python work and tensor calls to a minimum.
         result = self.base_layer(x, *args, **kwargs)
         state = self.state
-        if state.mode == "base":
+        mode = state.mode
+        if mode == "base":
             return result
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
-        if state.mode == "static" and state.active is not None:  # single LoRA: only its slice of A and B
+        lora_a = self.lora_A
+        if x.dtype != lora_a.dtype:
+            x = x.to(lora_a.dtype)
+        if mode == "static" and state.active is not None:  # single LoRA: only its slice of A and B
             i = state.active
             if i not in self.segments:
                 return result
             s, e = self.segments[i]
             h = self._down(x, i) * (state.static_values[i] * self.scalings[i])
             return _add_up(result, h, self.lora_B[:, s:e])
-        h = self._down(x)  # (batch, seq, R)
-        scale = self._column_scale(state)
-        h = h * (scale if scale.dtype == h.dtype else scale.to(h.dtype))
-        return _add_up(result, h, self.lora_B)
+        dropout = self.any_dropout and self.training and state.dropout
+        h = self._down(x) if dropout else F.linear(x, lora_a)  # (batch, seq, R)
+        scale = state.cache.get(self.layout)
+        if scale is None:
+            scale = self._column_scale(state)
+        if scale.dtype != h.dtype:
+            scale = scale.to(h.dtype)
+        return _add_up(result, h * scale, self.lora_B)
 
     def extra_repr(self) -> str:
         ranks = {i: e - s for i, (s, e) in self.segments.items()}
@@ -228,10 +238,11 @@ ADDMM_MIN_ROWS = 32  # below this many tokens (decoding) the reshapes around add
 def _add_up(result: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """result + h B^T: over many tokens in one addmm (no separate add, no extra output-width tensor) when the dtypes
     agree or autocast casts them; otherwise, and for a few tokens, the plain sum in the result's dtype."""
-    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
-    if rows >= ADDMM_MIN_ROWS and (result.dtype == h.dtype == lora_b.dtype
-                                   or torch.is_autocast_enabled(result.device.type)):
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.t())
+    width = h.shape[-1]
+    if h.numel() >= ADDMM_MIN_ROWS * width > 0 and (result.dtype == h.dtype == lora_b.dtype
+                                                   or torch.is_autocast_enabled(result.device.type)):
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, width), lora_b.t())
         out = out.view(result.shape)
         return out if out.dtype == result.dtype else out.to(result.dtype)
-    return result + F.linear(h, lora_b).to(result.dtype)
+    up = F.linear(h, lora_b)
+    return result + (up if up.dtype == result.dtype else up.to(result.dtype))
