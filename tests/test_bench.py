@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from loraflow.bench import LoopLoRALinear, flop_floor, layer_calls, main, make_fused, make_peft
+from loraflow.bench import LoopLoRALinear, Timings, flop_floor, interleaved, layer_calls, main, make_fused, make_peft
 
 
 def test_fused_loop_and_original_agree_in_value_and_gradients():
@@ -52,6 +52,43 @@ def test_every_timed_layer_call_runs_both_passes():
     for fns in calls.values():
         for fn in fns.values():
             fn()
+
+
+def test_interleaved_runs_every_variant_each_round_in_a_seeded_changing_order():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    timings = interleaved(variants, "cpu", rounds=6, warmup=1, rounds_of={"d": 2})
+    rounds = [calls[i:i + 4] for i in range(0, 12, 4)]  # warm-up and the first two rounds: all four variants
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert calls.count("d") == 3 and all(calls.count(v) == 7 for v in "abc")
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds ...
+    again = []
+    interleaved({name: (lambda name=name: again.append(name)) for name in "abcd"}, "cpu", rounds=6, warmup=1,
+                rounds_of={"d": 2})
+    assert again == calls  # ... and is the same in every run (seeded)
+    assert {len(v) for k, v in timings.samples.items() if k != "d"} == {6} and len(timings.samples["d"]) == 2
+
+
+def test_timings_ratio_pairs_the_samples_of_one_round():
+    # round medians would give 4 / 2 = 2; the rounds' own ratios are 0.5, 2, 0.5 -> 0.5
+    t = Timings({"a": [1.0, 4.0, 9.0], "b": [2.0, 2.0, 18.0], "slow": [3.0]})
+    assert t["a"] == 4.0 and t["b"] == 2.0
+    assert t.ratio("a", "b") == 0.5
+    assert t.ratio("slow", "a") == 3.0  # only the rounds where both ran
+
+
+def test_loop_targets_report_the_original_and_the_strict_loop():
+    from loraflow.bench_report import targets
+
+    def row(k, original, loop):
+        return {"k": k, "shape": "8x8", "tokens": 4, "ranks": [1] * k, "flop_floor": 1.1,
+                "fwd_bwd": {"speedup_of_fused": {"original": original, "loop": loop}, "over_base": {"fused": 1.2}}}
+    rows = [row(2, 2.1, 1.1), row(2, 1.8, 1.2), row(4, 2.3, 1.3)]
+    got = {t["target"]: (t["measured"], t["met"]) for t in targets({"parts": {"layer": {"rows": rows}}})}
+    assert got["fused fwd+bwd vs the original per-LoRA loop (base twice), k = 2 (slowest row)"] == ("1.80×", True)
+    assert got["fused fwd+bwd vs a per-LoRA loop with the base once, k = 2 (slowest row)"] == ("1.10×", False)
+    assert got["fused fwd+bwd vs the original per-LoRA loop (base twice), k = 4 (slowest row)"] == ("2.30×", True)
+    assert got["fused fwd+bwd vs a per-LoRA loop with the base once, k = 4 (slowest row)"] == ("1.30×", False)
 
 
 def test_flop_floor_matches_the_paper_setting():
