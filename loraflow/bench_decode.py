@@ -2,7 +2,8 @@
 with two LoRAs, and PEFT's X-LoRA with the same two LoRAs (its own scaling head, untrained).
 
 Every variant is a separate copy of the same random small Llama (`loraflow.tiny`), in one process, timed
-round-robin on the same prompts: greedy, exactly `new_tokens` new tokens each (no early stop), batch 1 and 8.
+interleaved (`bench.interleaved`) on the same prompts: greedy, exactly `new_tokens` new tokens each (no early
+stop), batch 1 and 8.
 Reported as tokens/s and as ratios to the base model. X-LoRA cannot use the KV cache (peft forces
 `use_cache=False`) and runs two forward passes per step, so it is timed in fewer rounds (`xlora_rounds`).
 

@@ -1,6 +1,7 @@
 """What one gate-training step costs, next to a plain forward+backward of the base model on the same tokens.
 
-Variants, all on the same (batch, seq) random tokens with the loss on every token, timed round-robin:
+Variants, all on the same (batch, seq) random tokens with the loss on every token, timed interleaved
+(`bench.interleaved`):
 - `base_act`: the plain base, forward + backward to the input embeddings only (activation gradients through every
   layer, no weight gradients: the least any gate training has to do);
 - `base_full`: the plain base, forward + backward with every weight trainable (full fine-tuning, no optimizer);
