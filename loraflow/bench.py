@@ -91,8 +91,7 @@ class Timings(dict):
     def ratio(self, num: str, den: str) -> float:
         """Median over rounds of num's time / den's time in the same round (rounds where both ran). Pairing the
         two samples of one round cancels what a shared, noisy machine does to both (a slow minute, a busy core)."""
-        pairs = list(zip(self.samples[num], self.samples[den]))
-        return statistics.median(a / b for a, b in pairs)
+        return statistics.median(a / b for a, b in zip(self.samples[num], self.samples[den]))
 
 
 def interleaved(variants: dict[str, Callable[[], None]], device, rounds: int = 5, warmup: int = 1,

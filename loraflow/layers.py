@@ -113,9 +113,10 @@ class FusedLoRALinear(nn.Module):
 
     def _down(self, x: torch.Tensor, segment: int | None = None) -> torch.Tensor:
         """A drop(x) for all LoRAs (or one): (..., d_in) -> (..., R). Dropout masks are independent per LoRA."""
-        ids = list(self.segments) if segment is None else [segment]
-        use_dropout = self.training and self.state.dropout and any(self.dropouts[i] > 0 for i in ids)
-        if not use_dropout:
+        ids = None
+        if self.any_dropout and self.training and self.state.dropout:  # cheap test first: decoding passes here
+            ids = list(self.segments) if segment is None else [segment]
+        if ids is None or not any(self.dropouts[i] > 0 for i in ids):
             if segment is None:
                 return F.linear(x, self.lora_A)
             s, e = self.segments[segment]
@@ -150,9 +151,7 @@ class FusedLoRALinear(nn.Module):
                 scale = state.weights.index_select(-1, self.lora_index) * self.lora_scaling
             else:
                 scale = state.static.index_select(0, self.lora_index) * self.lora_scaling
-            dtype = self.lora_A.dtype
-            if scale.dtype != dtype:
-                scale = scale.to(dtype)
+            scale = scale.to(self.lora_A.dtype)
             state.cache[self.layout] = scale
         return scale
 
@@ -173,11 +172,8 @@ class FusedLoRALinear(nn.Module):
             s, e = self.segments[i]
             h = self._down(x, i) * (state.static_values[i] * self.scalings[i])
             return _add_up(result, h, self.lora_B[:, s:e])
-        dropout = self.any_dropout and self.training and state.dropout
-        h = self._down(x) if dropout else F.linear(x, lora_a)  # (batch, seq, R)
-        scale = state.cache.get(self.layout)
-        if scale is None:
-            scale = self._column_scale(state)
+        h = self._down(x)  # (batch, seq, R)
+        scale = self._column_scale(state)
         if scale.dtype != h.dtype:
             scale = scale.to(h.dtype)
         return _add_up(result, h * scale, self.lora_B)
