@@ -8,18 +8,18 @@ of every targeted projection of layer l.
     model = FlowModel.from_pretrained(base, loras=[lang_lora, task_lora], gate="zh_math.pt")
 """
 
-from .errors import LoraflowError
+from loraflow.errors import LoraflowError
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FlowModel": "loraflow.model",
-    "FusionGate": "loraflow.gate",
-    "FusedLoRALinear": "loraflow.layers",
-    "LoRAAdapter": "loraflow.adapters",
-    "load_adapter": "loraflow.adapters",
-    "inject_fusion": "loraflow.model",
-    "is_gate_parameter": "loraflow.model",
+    "FlowModel": "loraflow.fusion.model",
+    "FusionGate": "loraflow.fusion.gate",
+    "FusedLoRALinear": "loraflow.fusion.layers",
+    "LoRAAdapter": "loraflow.fusion.adapters",
+    "load_adapter": "loraflow.fusion.adapters",
+    "inject_fusion": "loraflow.fusion.model",
+    "is_gate_parameter": "loraflow.fusion.model",
 }
 
 __all__ = ["LoraflowError", "__version__", *_LAZY]

@@ -11,19 +11,19 @@ import argparse
 import importlib
 import sys
 
-from .errors import LoraflowError
+from loraflow.errors import LoraflowError
 
 # name -> (module, one-line help). Add a row when a command lands; keep the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-models": ("loraflow.release", "download and check the released LoRAs and gates, convert the gates"),
-    "data": ("loraflow.prepare", "validate data files; build data/ from the release and MGSM (check, prepare)"),
-    "convert": ("loraflow.convert_cli", "convert LoRAs, base models and gates to/from the original formats"),
-    "train": ("loraflow.train", "train the LoRA-Flow gates of a language–task pair (torchrun for several GPUs)"),
+    "prepare-models": ("loraflow.convert.release", "download, check and convert the released LoRAs and gates"),
+    "data": ("loraflow.data.cli", "validate data files; build data/ from the release and MGSM (check, prepare)"),
+    "convert": ("loraflow.convert.cli", "convert LoRAs, base models and gates to/from the original formats"),
+    "train": ("loraflow.train.recipe", "train the LoRA-Flow gates of a language–task pair (torchrun for several GPUs)"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
     "eval": ("loraflow.eval.run", "generate and score one benchmark with one fusion method (base ... flow)"),
     "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
     "plot-gates": ("loraflow.plots", "plot a FlowModel's gate weights: per layer × token heatmap, per-layer bars"),
-    "bench": ("loraflow.bench", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
+    "bench": ("loraflow.bench.cli", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
     "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),
 }
 
@@ -41,7 +41,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from loraflow import __version__
 
     return __version__
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LoraflowError
+from loraflow.errors import LoraflowError
 
 if TYPE_CHECKING:  # torch is imported where tensors are loaded, so data-only commands start fast
     import torch

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraflowError
-from .files import atomic_path
+from loraflow.errors import LoraflowError
+from loraflow.files import atomic_path
 
 
 def _pyplot():
@@ -54,7 +54,7 @@ def record_generation(flow, tokenizer, prompt: str, max_new_tokens: int = 64,
     """
     from transformers import GenerationConfig
 
-    from .eval.generate import eos_ids
+    from loraflow.eval.generate import eos_ids
 
     flow.eval()
     ids = _prompt_ids(tokenizer, prompt).to(flow.device)
@@ -184,8 +184,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from .files import read_jsonl
-    from .model import FlowModel
+    from loraflow.files import read_jsonl
+    from loraflow.fusion.model import FlowModel
 
     _pyplot()  # fail before loading a model when matplotlib is missing
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

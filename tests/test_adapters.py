@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraflow import FlowModel, LoraflowError
-from loraflow.adapters import load_adapter, parse_source
+from loraflow.fusion.adapters import load_adapter, parse_source
 from loraflow.tiny import tiny_lora, tiny_model
 
 

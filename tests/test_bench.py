@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from loraflow.bench import LoopLoRALinear, Timings, flop_floor, interleaved, layer_calls, main, make_fused, make_peft
+from loraflow.bench.cli import main
+from loraflow.bench.layer import LoopLoRALinear, flop_floor, layer_calls, make_fused, make_peft
+from loraflow.bench.timing import Timings, interleaved
 
 
 def test_fused_loop_and_original_agree_in_value_and_gradients():
@@ -78,7 +80,7 @@ def test_timings_ratio_pairs_the_samples_of_one_round():
 
 
 def test_loop_targets_report_the_original_and_the_strict_loop():
-    from loraflow.bench_report import targets
+    from loraflow.bench.report import targets
 
     def row(k, original, loop):
         return {"k": k, "shape": "8x8", "tokens": 4, "ranks": [1] * k, "flop_floor": 1.1,
@@ -100,7 +102,7 @@ def test_flop_floor_matches_the_paper_setting():
     extra = sum(128 * (i + o) for i, o in shapes) / sum(i * o for i, o in shapes)
     assert abs(extra - 0.049) < 0.001
     assert abs(flop_floor(4096, 4096, [64, 64]) - (1 + 128 * 8192 / 4096**2)) < 1e-12
-    from loraflow.bench_decode import ModelShape
+    from loraflow.bench.decode import ModelShape
 
     seven_b = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=0, rank=64)
     assert abs(seven_b.lora_flop_ratio([64, 64]) - 1 - extra) < 1e-9
@@ -111,7 +113,7 @@ TINY = dict(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=172, vocab=26
 
 @pytest.fixture(scope="module")
 def decode_models(tmp_path_factory):
-    from loraflow.bench_decode import ModelShape, build_decode_variants, save_loras
+    from loraflow.bench.decode import ModelShape, build_decode_variants, save_loras
 
     shape = ModelShape(**TINY)
     loras = save_loras(shape, tmp_path_factory.mktemp("bench_loras"))
@@ -124,7 +126,7 @@ def _logits(model, inputs):
 
 
 def test_decode_variants_compute_the_expected_model(decode_models):
-    from loraflow.bench_decode import prompts
+    from loraflow.bench.decode import prompts
 
     shape, models = decode_models
     inputs = prompts(2, 7, shape.vocab, "cpu")
@@ -157,7 +159,7 @@ def test_decode_variants_compute_the_expected_model(decode_models):
 def test_xlora_equals_flow_with_the_same_per_token_weights(decode_models):
     # X-LoRA's output = the base + sum_i w_i s_i B_i A_i x with w from its head; loraflow's flow mode with its gates
     # replaced by those same weights must give the same logits
-    from loraflow.bench_decode import prompts
+    from loraflow.bench.decode import prompts
 
     shape, models = decode_models
     inputs = prompts(2, 7, shape.vocab, "cpu")
@@ -179,7 +181,7 @@ def test_xlora_equals_flow_with_the_same_per_token_weights(decode_models):
 
 
 def test_decode_variants_generate_exactly_the_new_tokens(decode_models):
-    from loraflow.bench_decode import greedy, prompts
+    from loraflow.bench.decode import greedy, prompts
 
     shape, models = decode_models
     inputs = prompts(2, 5, shape.vocab, "cpu")
@@ -192,8 +194,8 @@ def test_decode_variants_generate_exactly_the_new_tokens(decode_models):
 
 @pytest.mark.slow
 def test_train_peak_memory_child_reports_bytes(tmp_path):
-    from loraflow.bench_decode import ModelShape, save_loras
-    from loraflow.bench_train import peak_memory
+    from loraflow.bench.decode import ModelShape, save_loras
+    from loraflow.bench.train import peak_memory
 
     shape = ModelShape(**TINY)
     loras = save_loras(shape, tmp_path, dropout=0.1)

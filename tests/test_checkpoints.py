@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from loraflow import FlowModel, LoraflowError
-from loraflow.checkpoints import read_gate
-from loraflow.convert import gate_loraflow_to_original, gate_original_to_loraflow
+from loraflow.convert.tables import gate_loraflow_to_original, gate_original_to_loraflow
+from loraflow.fusion.checkpoints import read_gate
 from loraflow.tiny import tiny_lora, tiny_model, tiny_original_gate
 
 

@@ -1,4 +1,4 @@
-"""Converters (loraflow/convert.py) and their I/O + CLI (loraflow/convert_cli.py, loraflow/shards.py).
+"""Converters (loraflow/convert/tables.py) and their I/O + CLI (convert/formats.py, convert/cli.py, convert/shards.py).
 
 Round trips are exact (torch.equal, same dtype); refusals name the key and write nothing; pickles are only ever
 loaded with weights_only.
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from loraflow import cli
-from loraflow import convert as C
-from loraflow.convert_cli import convert_base, convert_gate, convert_lora
+from loraflow.convert import tables as C
+from loraflow.convert.formats import convert_base, convert_gate, convert_lora
+from loraflow.convert.shards import ShardWriter, TensorSource, parse_size
 from loraflow.errors import LoraflowError
 from loraflow.files import load_tensors
-from loraflow.shards import ShardWriter, TensorSource, parse_size
 from loraflow.tiny import tiny_lora, tiny_model, tiny_original_gate
 
 TOKENS = torch.tensor([[1, 70, 71, 72, 90, 100, 5], [1, 8, 9, 10, 11, 12, 13]])

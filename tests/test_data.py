@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from loraflow import cli
-from loraflow import data as D
+from loraflow.data import records as D
+from loraflow.data.prompts import COT_SUFFIX, eval_prompt, training_texts
 from loraflow.errors import LoraflowError
-from loraflow.prompts import COT_SUFFIX, eval_prompt, training_texts
 from loraflow.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ pytest.importorskip("loraflow.eval.score", reason="the scorers (branch sandbox) 
 def setup(tmp_path_factory, tiny_pair, loraflow_data):
     """The tiny base (with its tokenizer beside it), LoRAs zh_lora / math_lora / code_lora (links to the tiny
     pair's), a zh_math gate with random weights, and a copy of it that claims the LoRAs in the other order."""
-    from loraflow.checkpoints import read_gate, write_gate
+    from loraflow.fusion.checkpoints import read_gate, write_gate
 
     root = tmp_path_factory.mktemp("evalrun")
     tiny_base, (lang_lora, task_lora) = tiny_pair

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from loraflow import LoraflowError
+from loraflow.data.prompts import system_prompt
 from loraflow.eval.run import default_temperature
 from loraflow.eval.tasks import TASKS, build_prompt, data_file, load_records, prompt_has_bos, resolve_task
-from loraflow.prompts import system_prompt
 from loraflow.tiny import tiny_tokenizer
 
 

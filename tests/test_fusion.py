@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from loraflow import FlowModel, LoraflowError
-from loraflow.adapters import load_adapter
+from loraflow.fusion.adapters import load_adapter
 from loraflow.tiny import ARCHS, SEVEN_PROJECTIONS, tiny_lora, tiny_model
 
 ATOL = 1e-5
@@ -205,7 +205,7 @@ def test_recording_gate_weights(loras):
 @pytest.mark.parametrize("tokens", [3, 80])  # below and above layers.ADDMM_MIN_ROWS: both ways of adding B h
 @pytest.mark.parametrize("mode", ["flow", "static", "single"])
 def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode):
-    from loraflow.layers import ADDMM_MIN_ROWS, FusedLoRALinear, FusionState
+    from loraflow.fusion.layers import ADDMM_MIN_ROWS, FusedLoRALinear, FusionState
 
     assert 3 < ADDMM_MIN_ROWS <= 80
     gen = torch.Generator().manual_seed(0)
@@ -241,7 +241,7 @@ def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode
 
 
 def test_gate_computes_in_fp32_under_autocast_and_divides_by_temperature():
-    from loraflow.gate import FusionGate
+    from loraflow.fusion.gate import FusionGate
 
     gen = torch.Generator().manual_seed(0)
     gate = FusionGate(16, 3, temperature=1.7, bias_init="uniform")
@@ -257,7 +257,7 @@ def test_gate_computes_in_fp32_under_autocast_and_divides_by_temperature():
 
 
 def test_cpu_dropout_masks_are_bernoulli_with_rounded_p_independent_and_seeded():
-    from loraflow.layers import DROPOUT_BITS, lora_dropout_masks
+    from loraflow.fusion.layers import DROPOUT_BITS, lora_dropout_masks
 
     x = torch.empty(400, 501)  # odd size: the last int64 word of bits is only partly used
     torch.manual_seed(3)
@@ -281,7 +281,7 @@ def test_cpu_dropout_masks_are_bernoulli_with_rounded_p_independent_and_seeded()
 
 def test_fused_projection_with_dropout_is_the_plain_sum_over_masked_inputs():
     """Training mode, dropout on: y = base(x) + sum_i w_i s_i B_i A_i (x * mask_i) / (1 - p_i), gradients too."""
-    from loraflow.layers import FusedLoRALinear, FusionState, lora_dropout_masks
+    from loraflow.fusion.layers import FusedLoRALinear, FusionState, lora_dropout_masks
 
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(24, 40).requires_grad_(False)

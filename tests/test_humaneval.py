@@ -16,7 +16,7 @@ from loraflow.eval.humaneval import (
     pass_at_k,
     postprocess_completion,
 )
-from loraflow.eval.sandbox import run_many
+from loraflow.eval.sandbox.runner import run_many
 
 FUNC = "def f(x):\n    return x + 1\n"
 

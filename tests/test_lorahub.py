@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loraflow import FlowModel, LoraflowError
-from loraflow.lorahub import (
+from loraflow.tiny import tiny_model
+from loraflow.train.lorahub import (
     IGNORE_INDEX,
     LoraHubConfig,
     load_weights,
@@ -16,7 +17,6 @@ from loraflow.lorahub import (
     lorahub_weights,
     mean_example_loss,
 )
-from loraflow.tiny import tiny_model
 
 pytest.importorskip("nevergrad")
 TEACHER = [1.3, -0.6]  # the static fusion that wrote the examples

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.convert import PROJECTIONS, gate_original_to_loraflow
+from loraflow.convert.release import GATES, LORAS, PrepareConfig, prepare_models
+from loraflow.convert.tables import PROJECTIONS, gate_original_to_loraflow
 from loraflow.errors import LoraflowError
 from loraflow.files import load_tensors
-from loraflow.release import GATES, LORAS, PrepareConfig, prepare_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "model_preparation.sh"

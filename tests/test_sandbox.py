@@ -13,9 +13,9 @@ import textwrap
 import pytest
 
 from loraflow.errors import LoraflowError
-from loraflow.eval import forkserver
-from loraflow.eval.forkserver import shutdown_fork_server
-from loraflow.eval.sandbox import (
+from loraflow.eval.sandbox import forkserver
+from loraflow.eval.sandbox.forkserver import shutdown_fork_server
+from loraflow.eval.sandbox.runner import (
     SandboxLimits,
     check_program,
     group_members,

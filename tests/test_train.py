@@ -12,10 +12,10 @@ import torch
 from train_world import assert_same_gate, build_world, read_metrics, write_jsonl
 
 from loraflow import FlowModel, LoraflowError, cli
-from loraflow.distributed import epoch_order, micro_batches, step_batches
 from loraflow.tiny import tiny_lora, tiny_model
-from loraflow.train import best_epoch, train
-from loraflow.train_config import PRESETS, TrainConfig, add_arguments, config_from_args, lr_at, schedule_steps
+from loraflow.train.config import PRESETS, TrainConfig, add_arguments, config_from_args, lr_at, schedule_steps
+from loraflow.train.distributed import epoch_order, micro_batches, step_batches
+from loraflow.train.recipe import best_epoch, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,9 +255,9 @@ def test_gate_learns_to_route_tokens_to_the_right_lora(tmp_path):
     the gate must beat both single LoRAs and their static average on held-out sequences of both kinds."""
     from peft import LoraConfig, get_peft_model
 
-    from loraflow.distributed import DistInfo
     from loraflow.tiny import SEVEN_PROJECTIONS
-    from loraflow.train import fit
+    from loraflow.train.distributed import DistInfo
+    from loraflow.train.recipe import fit
 
     sets = {"A": torch.arange(10, 40), "B": torch.arange(140, 170)}
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from train_world import assert_same_gate, build_world, read_metrics
 
-from loraflow.train import KILL_AFTER_STEP, train
+from loraflow.train.recipe import KILL_AFTER_STEP, train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraflow.tiny import save_tiny_loras, tiny_model, tiny_tokenizer
-from loraflow.train_config import TrainConfig
+from loraflow.train.config import TrainConfig
 
 TRAIN = [  # (query, response): translated-MetaMathQA-like records, short so that runs stay fast
     ("2 加 3 等于几？", "2 + 3 = 5。答案是：5"),

@@ -3,7 +3,7 @@
 A seeded synthetic world with two skills (a made-up language, English word problems) and a composite task that needs
 both (word problems posed and solved in the made-up language); a tiny Llama pretrained on the spot, a language LoRA
 and a task LoRA (PEFT), a LoRA-Flow gate trained with `loraflow train` on 200 composite examples, LoRA-Hub weights
-searched with `loraflow.lorahub`; every method (base, each LoRA, average, LoRA-Hub, LoRA-Flow) evaluated on 250
+searched with `loraflow.train.lorahub`; every method (base, each LoRA, average, LoRA-Hub, LoRA-Flow) evaluated on 250
 held-out composite problems with the MGSM scorer, printed as the paper's table, plus gate-weight plots.
 
     loraflow demo                      # full size (about 15 minutes on 2 CPU cores), into outputs/demo/
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .pipeline import SIZES, DemoConfig, run_pipeline
+from loraflow.demo.pipeline import SIZES, DemoConfig, run_pipeline
 
 __all__ = ["DemoConfig", "add_arguments", "run", "run_pipeline"]
 

@@ -1,7 +1,7 @@
 """The demo pipeline: world -> base model -> two LoRAs -> gate / LoRA-Hub -> every method evaluated -> table, plots.
 
-Every stage uses loraflow's own code paths: the gate is trained by `loraflow.train.train` (the `loraflow train`
-recipe), LoRA-Hub's weights come from `loraflow.lorahub`, every method runs as a `FlowModel` (mode base / single /
+Every stage uses loraflow's own code paths: the gate is trained by `loraflow.train.recipe.train` (the `loraflow train`
+recipe), LoRA-Hub's weights come from `loraflow.train.lorahub`, every method runs as a `FlowModel` (mode base / single /
 static / flow), generation is `loraflow.eval.generate` and scoring is `loraflow score --task mgsm`
 (`loraflow.eval.score`, the MGSM scorer) on data files in the MGSM test layout.
 
@@ -33,15 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraflow.demo.methods import METHODS, load_flow, load_tokenizer, set_method
+from loraflow.demo.training import LoopConfig, base_config, encode, pretrain_base, train_lora, world_tokenizer
+from loraflow.demo.world import World, dataset
 from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
-from .training import LoopConfig, base_config, encode, pretrain_base, train_lora, world_tokenizer
-from .world import World, dataset
-
 # Bump a stage's version when its code changes what it produces: that stage and everything after it is redone.
 STAGE_VERSIONS = {"data": 6, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
-METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 METHOD_LABELS = {"base": "Base model", "lang": "Single LoRA: language", "task": "Single LoRA: task",
                  "average": "Fusion: average", "lorahub": "Fusion: LoRA-Hub", "flow": "Fusion: LoRA-Flow"}
 LORA_NAMES = ("lang_lora", "task_lora")  # fusion order as in the paper: language LoRA index 0, task LoRA index 1
@@ -74,7 +73,7 @@ class DemoConfig:
     gate_batch: int = 4
     gate_lr: float = 1e-3
     dev_examples: int = 50  # composite dev set: `loraflow train` keeps the epoch with the lowest dev loss
-    # LoRA-Hub (loraflow.lorahub defaults: NGOpt, 40 evaluations, on the gate's training examples)
+    # LoRA-Hub (loraflow.train.lorahub defaults: NGOpt, 40 evaluations, on the gate's training examples)
     lorahub_budget: int = 40
     # evaluation
     test_examples: int = 250  # held-out composite problems (MGSM's 250 per language)
@@ -185,12 +184,6 @@ def make_data(cfg: DemoConfig, out: Path) -> dict:
     return {"sizes": {**{k: len(v) for k, v in sets.items()}, "xx_test": len(test), "en_test": len(english_test)}}
 
 
-def load_tokenizer(path: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
 def make_base(cfg: DemoConfig, data: Path, out: Path) -> dict:
     tok = load_tokenizer(data / "tokenizer")
     config = base_config(len(tok), cfg.hidden, cfg.layers, cfg.heads)
@@ -217,18 +210,10 @@ def _tail_mean(xs: list[float], n: int = 20) -> float:
     return round(sum(xs[-n:]) / max(1, len(xs[-n:])), 4)
 
 
-def load_flow(base: Path, loras: list[Path], gate: Path | None = None, **kwargs):
-    from loraflow import FlowModel
-    from loraflow.demo.training import device_and_autocast
-
-    return FlowModel.from_pretrained(str(base), loras=[str(p) for p in loras], gate=str(gate) if gate else None,
-                                     device=device_and_autocast()[0], **kwargs)
-
-
 def make_gate(cfg: DemoConfig, base: Path, loras: list[Path], data: Path, out: Path) -> dict:
     """`loraflow train` on the composite training examples; it keeps the epoch with the lowest dev loss."""
-    from loraflow.train import train
-    from loraflow.train_config import TrainConfig
+    from loraflow.train.config import TrainConfig
+    from loraflow.train.recipe import train
 
     tc = TrainConfig(base_model=str(base), loras=[str(p) for p in loras],
                      train_file=str(data / "composite_train.jsonl"), dev_file=str(data / "composite_dev.jsonl"),
@@ -247,7 +232,7 @@ def gate_path(gate_dir: Path) -> Path:
 
 
 def make_lorahub(cfg: DemoConfig, base: Path, loras: list[Path], data: Path, out: Path) -> dict:
-    from loraflow.lorahub import LoraHubConfig, lorahub_search, save_weights
+    from loraflow.train.lorahub import LoraHubConfig, lorahub_search, save_weights
 
     flow = load_flow(base, loras)
     tok = load_tokenizer(base)
@@ -259,23 +244,6 @@ def make_lorahub(cfg: DemoConfig, base: Path, loras: list[Path], data: Path, out
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def set_method(flow, method: str, lorahub_weights: list[float] | None = None) -> None:
-    if method == "base":
-        flow.set_mode("base")
-    elif method == "lang":
-        flow.set_mode("single", lora=0)
-    elif method == "task":
-        flow.set_mode("single", lora=1)
-    elif method == "average":
-        flow.set_mode("static", weights=[1.0 / flow.k] * flow.k)
-    elif method == "lorahub":
-        flow.set_mode("static", weights=lorahub_weights)
-    elif method == "flow":
-        flow.set_mode("flow")
-    else:
-        raise LoraflowError(f"unknown method {method!r}; methods: {METHODS}")
-
-
 def max_new_tokens(data: Path) -> int:
     """Room for the longest reference solution of the test sets, plus a margin."""
     tok = load_tokenizer(data / "tokenizer")
@@ -287,10 +255,10 @@ def max_new_tokens(data: Path) -> int:
 def make_eval(cfg: DemoConfig, method: str, base: Path, loras: list[Path], gate: Path, lorahub: Path, data: Path,
               out: Path) -> dict:
     """Greedy generation (`loraflow.eval.generate`) on both test sets, scored by `loraflow score --task mgsm`."""
+    from loraflow.data.prompts import chat_prompt
     from loraflow.eval import score as scoring
     from loraflow.eval.generate import DecodeConfig, generate_predictions
-    from loraflow.lorahub import load_weights
-    from loraflow.prompts import chat_prompt
+    from loraflow.train.lorahub import load_weights
 
     flow = load_flow(base, loras, gate_path(gate) if method == "flow" else None)
     set_method(flow, method, load_weights(lorahub / "weights.json", flow.lora_names) if method == "lorahub" else None)
@@ -391,12 +359,12 @@ def run_pipeline(cfg: DemoConfig, out: str | os.PathLike = "outputs/demo", asset
              "flow_predictions": out / "eval_flow" / "xx" / "predictions.jsonl"}
     extra = {}
     if plots:
-        from .report import write_plots
+        from loraflow.demo.report import write_plots
 
         print(f"== [{st.total}/{st.total}] plot the gate weights", flush=True)
         plot_files, extra = write_plots(cfg, out, base, loras, gate_path(gate), assets)
         files.update(plot_files)
-    from .report import dev_token_losses
+    from loraflow.demo.report import dev_token_losses
 
     extra["dev_token_loss"] = dev_token_losses(cfg, out, base, loras, gate_path(gate))
     seconds = round(time.time() - t0, 1)

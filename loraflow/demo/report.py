@@ -15,9 +15,8 @@ def write_plots(cfg, out: Path, base: Path, loras: list[Path], gate: Path,
     """gate_heatmap.png (one correctly answered composite test item) and gate_layers.png (per-layer means) in
     `out/report/`; the heatmap is also copied to `assets/demo_gate_heatmap.png` when `assets` is given.
     Returns (files, facts for results.json)."""
+    from loraflow.demo.methods import load_flow, load_tokenizer
     from loraflow.plots import gate_heatmap, layer_bars, mean_layer_weights, record_teacher_forced
-
-    from .pipeline import load_flow, load_tokenizer
 
     report = out / "report"
     flow = load_flow(base, loras, gate)
@@ -62,11 +61,10 @@ def dev_token_losses(cfg, out: Path, base: Path, loras: list[Path], gate: Path) 
     per kind of token (`token_type`): where each method fails to produce a composite answer."""
     import torch
 
-    from loraflow.lorahub import load_weights
-
-    from .pipeline import load_flow, load_tokenizer, set_method
-    from .training import encode
-    from .world import World
+    from loraflow.demo.methods import load_flow, load_tokenizer, set_method
+    from loraflow.demo.training import encode
+    from loraflow.demo.world import World
+    from loraflow.train.lorahub import load_weights
 
     world = World(cfg.seed)
     flow = load_flow(base, loras, gate)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from loraflow.data import collate, training_example
+from loraflow.data.records import collate, training_example
 
 # The Llama-2 chat frame, as words of the world's tokenizer; no system prompt (the demo trains with "").
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
@@ -50,7 +50,7 @@ def world_tokenizer(vocabulary: Sequence[str]):
 
 def encode(tokenizer, example: dict, max_len: int) -> dict[str, list[int]]:
     """`{"input_ids", "labels"}`: `<s> text </s>` with every token a label (pretraining text), or a chat example
-    (`prompt`, `response`) through `loraflow.data.training_example` (labels on the response and `</s>` only)."""
+    (`prompt`, `response`) through `loraflow.data.records.training_example` (labels on the response and `</s>` only)."""
     if "text" in example:
         ids = [tokenizer.bos_token_id, *tokenizer(example["text"], add_special_tokens=False)["input_ids"],
                tokenizer.eos_token_id][:max_len]

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraflowError
-from ..files import atomic_write_text
+from loraflow.errors import LoraflowError
+from loraflow.files import atomic_write_text
 
 PREDICTION_FIELDS = ("id", "task", "language", "split", "method", "prompt", "generation")
 

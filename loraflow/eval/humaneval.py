@@ -20,7 +20,7 @@ import json
 import math
 from importlib import resources
 
-from ..errors import LoraflowError
+from loraflow.errors import LoraflowError
 
 FENCE_OPEN = "```python"
 FENCE_CLOSE = "```"

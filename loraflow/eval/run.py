@@ -27,11 +27,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import __version__
-from ..errors import LoraflowError
-from ..files import atomic_write_json, atomic_write_text, read_json
-from .generate import DecodeConfig, generate_predictions, read_predictions
-from .tasks import (
+from loraflow import __version__
+from loraflow.errors import LoraflowError
+from loraflow.eval.generate import DecodeConfig, generate_predictions, read_predictions
+from loraflow.eval.tasks import (
     PROMPT_STYLES,
     EvalTask,
     build_prompt,
@@ -42,6 +41,7 @@ from .tasks import (
     prompt_has_bos,
     resolve_task,
 )
+from loraflow.files import atomic_write_json, atomic_write_text, read_json
 
 METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 # Gate temperature at inference (SPEC §1): the original used 1.1 for these gates, 1.0 for the others.
@@ -143,7 +143,7 @@ def lorahub_path(out_dir: str | os.PathLike, language: str, domain: str) -> Path
 
 
 def _sha256(path: Path) -> str | None:
-    from ..checkpoints import gate_files
+    from loraflow.fusion.checkpoints import gate_files
 
     tensor_file = gate_files(path)[0]
     if not tensor_file.is_file():
@@ -203,7 +203,7 @@ def load_model(args, plan: dict, device: str, dtype: str):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(args.base, dtype=torch_dtype).to(device).eval()
-    from ..model import FlowModel
+    from loraflow.fusion.model import FlowModel
 
     k = len(plan["loras"])
     kwargs = {
@@ -217,8 +217,8 @@ def load_model(args, plan: dict, device: str, dtype: str):
 
 def lorahub_examples(args, plan: dict, tokenizer) -> list[dict]:
     """The training examples of `{lang}_{task}`, tokenised with the loss on the response only."""
-    from ..data import load_split, training_example
-    from ..prompts import system_prompt
+    from loraflow.data.prompts import system_prompt
+    from loraflow.data.records import load_split, training_example
 
     task, language = plan["task"], plan["language"]
     records = load_split(args.data_root, language, task.domain, "train")
@@ -236,7 +236,7 @@ def score(task: EvalTask, predictions: Path, data: str | None, data_root: str | 
           allow_code_execution: bool, timeout: float = 3.0) -> dict:
     """Exactly `loraflow score` on the finished predictions (it writes results.json and the scored lines beside
     them); returns its results."""
-    from . import score as scoring
+    from loraflow.eval import score as scoring
 
     scoring.run(argparse.Namespace(task=task.name, predictions=Path(predictions), data=Path(data) if data else None,
                                    data_root=Path(data_root or "data"), language=language,
@@ -280,7 +280,7 @@ def run(args) -> int:
               "prompt_style": args.prompt_style, "decode": asdict(decode), "dtype": dtype, "device": device,
               "data": data_source, "limit": args.limit}
     if args.method == "lorahub" and lorahub_path(args.out_dir, language, task.domain).is_file():
-        from ..lorahub import load_weights
+        from loraflow.train.lorahub import load_weights
 
         config["static_weights"] = load_weights(lorahub_path(args.out_dir, language, task.domain))
     check_resume(run_json, config)
@@ -297,7 +297,7 @@ def run(args) -> int:
         if args.method == "average":
             config["static_weights"] = [1.0 / model.k] * model.k
         elif args.method == "lorahub":
-            from ..lorahub import LoraHubConfig, lorahub_weights
+            from loraflow.train.lorahub import LoraHubConfig, lorahub_weights
 
             hub_config = LoraHubConfig(budget=args.lorahub_budget, seed=args.lorahub_seed)
             weights, reused = lorahub_weights(

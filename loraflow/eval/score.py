@@ -5,7 +5,7 @@
 
 predictions.jsonl: one JSON object per line with at least `id` and `generation` (usually also `task`, `language`,
 `split`, `method`, `prompt`); several lines with the same id are several samples (pass@k). Items are matched to the
-data by id, the one `loraflow.data.read_records` gives every record (and `loraflow eval` writes): the HumanEval
+data by id, the one `loraflow.data.records.read_records` gives every record (and `loraflow eval` writes): the HumanEval
 `task_id` ("HumanEval/0"), the MBPP `task_id` ("514"), a math dev record's `id` ("82362"), and for files without
 ids (MGSM) the 0-based record number ("0".."249"). The data file is `--data` (jsonl in the LoRA-Flow formats, or an
 MGSM .tsv), else `{data-root}/{split}/{language}_{math|code}_{split}.jsonl`; for humaneval, the English problems of
@@ -25,10 +25,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraflowError
-from ..files import atomic_write_json, atomic_write_text, iter_jsonl
-from .humaneval import humaneval_program, load_english_humaneval, mbpp_program, pass_at_k, postprocess_completion
-from .mgsm import canonical_number, math_dev_gold, score_mgsm
+from loraflow.errors import LoraflowError
+from loraflow.eval.humaneval import (
+    humaneval_program,
+    load_english_humaneval,
+    mbpp_program,
+    pass_at_k,
+    postprocess_completion,
+)
+from loraflow.eval.mgsm import canonical_number, math_dev_gold, score_mgsm
+from loraflow.files import atomic_write_json, atomic_write_text, iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class Task:
     kind: str  # "math" (answer extraction) or "code" (execution)
     split: str  # default split name for results.json
     data: str  # data file under the data root; {lang} is the language
-    records: str  # the data file's record kind (`loraflow.data.KINDS`)
+    records: str  # the data file's record kind (`loraflow.data.records.KINDS`)
 
 
 TASKS = {
@@ -64,7 +70,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     task = TASKS[args.task]
     if task.kind == "code":
-        from .sandbox import require_opt_in
+        from loraflow.eval.sandbox.runner import require_opt_in
 
         require_opt_in(args.allow_code_execution)
         if not args.timeout > 0 or (args.workers is not None and args.workers < 1):
@@ -119,8 +125,8 @@ def read_predictions(path: Path) -> list[tuple[int, dict]]:
 
 
 def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, dict]]:
-    """The data items by id (`loraflow.data.read_records`: validated, ids attached, exact repeats dropped)."""
-    from ..data import read_records
+    """The data items by id (`loraflow.data.records.read_records`: validated, ids attached, exact repeats dropped)."""
+    from loraflow.data.records import read_records
 
     path = args.data
     if path is None and language:
@@ -153,7 +159,7 @@ def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
 
 
 def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[str]]:
-    from .sandbox import run_many
+    from loraflow.eval.sandbox.runner import run_many
 
     programs, completions = [], []
     english = load_english_humaneval() if args.task == "humaneval" else None
@@ -196,6 +202,6 @@ def _scored_path(predictions: Path) -> Path:
 
 
 def _versions() -> dict:
-    from .. import __version__
+    from loraflow import __version__
 
     return {"loraflow": __version__, "python": platform.python_version(), "platform": platform.platform()}

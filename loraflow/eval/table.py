@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import LoraflowError
-from ..files import atomic_write_text
+from loraflow.errors import LoraflowError
+from loraflow.files import atomic_write_text
 
 LANGUAGES = ("zh", "ru", "es")
 BENCHMARKS = (("mgsm", "MGSM", "accuracy"), ("humaneval", "HumanEval", "pass@1"))  # (task, title, headline metric)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraflowError
+from loraflow.errors import LoraflowError
 
 PROMPT_STYLES = ("faithful", "chat-template")
 SPLITS = ("test", "dev")
@@ -37,7 +37,7 @@ class EvalTask:
     name: str
     domain: str  # "math" | "code": `{lang}_{domain}_{split}.jsonl`, `{domain}_lora`, gate `{lang}_{domain}`
     split: str  # "test" | "dev"
-    kind: str  # record kind of the data file (`loraflow.data.KINDS`)
+    kind: str  # record kind of the data file (`loraflow.data.records.KINDS`)
     metrics: tuple[str, ...]  # what results.json reports; the first is the headline number
     needs_execution: bool  # scoring runs model-written code: needs --allow-code-execution
     max_new_tokens: int = 512  # SPEC §3
@@ -124,7 +124,7 @@ def english_humaneval() -> list[dict]:
 def load_records(task: EvalTask, language: str, data_root: str | os.PathLike | None = None,
                  path: str | os.PathLike | None = None) -> tuple[list[dict], str]:
     """(validated records, where they came from) for `task` in `language`: `path` if given, else the data root's."""
-    from ..data import read_records
+    from loraflow.data.records import read_records
 
     if path is None:
         if data_root is None:
@@ -137,7 +137,7 @@ def load_records(task: EvalTask, language: str, data_root: str | os.PathLike | N
 
 def load_system_prompts(data_root: str | os.PathLike | None) -> dict[str, str]:
     """`system_prompts.json` of the data root ({} when there is none: loraflow's defaults then apply)."""
-    from ..data import load_system_prompts as load
+    from loraflow.data.records import load_system_prompts as load
 
     if data_root is None or not (Path(data_root) / "system_prompts.json").is_file():
         return {}
@@ -158,7 +158,7 @@ def user_text(task: EvalTask, record: dict) -> str:
 def build_prompt(task: EvalTask, record: dict, language: str, style: str = "faithful",
                  system_prompts: Mapping[str, str] | None = None, tokenizer=None) -> str:
     """The prompt text of one record (without BOS: the tokenizer adds it, unless a chat template wrote it)."""
-    from ..prompts import chat_prompt, eval_prompt, system_prompt
+    from loraflow.data.prompts import chat_prompt, eval_prompt, system_prompt
 
     if style == "faithful":
         return eval_prompt(record, task.domain, task.split, language, system_prompts=system_prompts or {})

@@ -1,0 +1,167 @@
+"""What one gate-training step costs, next to a plain forward+backward of the base model on the same tokens.
+
+Variants, all on the same (batch, seq) random tokens with the loss on every token, timed interleaved
+(`bench.timing.interleaved`):
+- `base_act`: the plain base, forward + backward to the input embeddings only (activation gradients through every
+  layer, no weight gradients: the least any gate training has to do);
+- `base_full`: the plain base, forward + backward with every weight trainable (full fine-tuning, no optimizer);
+- `gate_step`: `loraflow.train.recipe.train_step`, i.e. FlowModel forward (k LoRAs, LoRA dropout on) + backward to the
+  gates + gradient clipping + AdamW, as in a real run;
+- `gate_step_nodrop`: the same with LoRA dropout off (what the dropout masks cost);
+- `gate_step_ckpt`: `gate_step` with gradient checkpointing.
+
+Peak memory of one step, model excluded: on CUDA `max_memory_allocated` minus what was allocated before the step;
+on CPU (Linux) the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set
+before the step, each variant in a fresh spawned process whose glibc maps every allocation over 64 KiB on its own
+(so freed tensors leave the resident set; a forked child of a process that has run OpenMP work can hang, hence
+spawn).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from loraflow.bench.decode import ModelShape, base_model, save_loras
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+TRAIN_VARIANTS = ("base_act", "base_full", "gate_step", "gate_step_nodrop", "gate_step_ckpt")
+
+
+def _examples(shape: ModelShape, batch: int, seq: int, device):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, shape.vocab, (batch, seq), generator=gen)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids], ids.to(device)
+
+
+def make_step(name: str, shape: ModelShape, loras: list[Path], batch: int, seq: int, device):
+    """A zero-argument function running one step of variant `name` (the model is built here, once)."""
+    from loraflow.fusion.model import FlowModel
+    from loraflow.train.distributed import DistInfo
+    from loraflow.train.recipe import train_step
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    examples, ids = _examples(shape, batch, seq, device)
+    model = base_model(shape, device, dtype, max_positions=max(512, seq))
+    model.config.use_cache = False
+    if name.startswith("base"):
+        model.train()
+        model.requires_grad_(name == "base_full")
+
+        def base_step():
+            if name == "base_full":
+                model(input_ids=ids, labels=ids).loss.backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                model(inputs_embeds=embeds, labels=ids).loss.backward()
+        return base_step
+    flow = FlowModel.from_pretrained(model, loras)
+    if name == "gate_step_ckpt":
+        flow.gradient_checkpointing_enable()
+    if name == "gate_step_nodrop":
+        flow.set_lora_dropout(False)
+    flow.train()
+    optimizer = torch.optim.AdamW(flow.gate_parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    info = DistInfo(0, 1, 0, device)
+
+    def gate_step():
+        train_step(flow, optimizer, [examples], pad_id=3, lr=1e-4, clip=1.0, autocast=autocast, info=info)
+    return gate_step
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _cpu_peak_child(name, shape, loras, batch, seq, threads, queue) -> None:
+    try:
+        torch.set_num_threads(threads)
+        step = make_step(name, shape, loras, batch, seq, torch.device("cpu"))
+        step()  # first step: AdamW state, lazy initialisations; measure the next one
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        step()
+        queue.put((_status_kib("VmHWM") - before) * 1024)
+    except Exception as e:  # reported in the results, never hangs the parent
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def peak_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, device,
+                variants=TRAIN_VARIANTS) -> dict:
+    """Bytes above the resident model that one step of each variant needs at its peak (see the module doc)."""
+    out = {}
+    for name in variants:
+        if device.type == "cuda":
+            step = make_step(name, shape, loras, batch, seq, device)
+            step()
+            torch.cuda.synchronize(device)
+            resident = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            out[name] = torch.cuda.max_memory_allocated(device) - resident
+            del step
+            torch.cuda.empty_cache()
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_cpu_peak_child,
+                               args=(name, shape, loras, batch, seq, torch.get_num_threads(), queue))
+            # glibc: every allocation over 64 KiB gets its own mapping, returned to the system when freed, so the
+            # resident set follows the live tensors instead of keeping freed heap from the warm-up step
+            saved = os.environ.get(MMAP_ENV)
+            os.environ[MMAP_ENV] = "65536"
+            try:
+                proc.start()
+            finally:
+                if saved is None:
+                    del os.environ[MMAP_ENV]
+                else:
+                    os.environ[MMAP_ENV] = saved
+            try:
+                value = queue.get(timeout=900)
+            finally:
+                proc.join(timeout=60)
+                if proc.is_alive():
+                    proc.kill()
+            out[name] = value if isinstance(value, int) else None
+            if not isinstance(value, int):
+                out[f"{name}_error"] = value
+    method = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS rise (VmHWM), spawned process"
+    mib = {k: round(v / 2**20, 1) for k, v in out.items() if isinstance(v, int)}
+    return {"method": method, "bytes": out, "MiB": mib}
+
+
+def bench_train(shape: ModelShape, batch: int, seq: int, device, rounds: int = 3, k: int = 2,
+                memory: bool = True) -> dict:
+    from loraflow.bench.timing import interleaved
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = save_loras(shape, Path(tmp), k=k, dropout=0.1)
+        steps = {name: make_step(name, shape, loras, batch, seq, device) for name in TRAIN_VARIANTS}
+        seconds = interleaved(steps, device, rounds=rounds, warmup=1)
+        del steps
+        mem = peak_memory(shape, loras, batch, seq, device) if memory else None
+    floor = shape.lora_flop_ratio([shape.rank] * k)
+    return {"shape": shape.__dict__.copy(), "k": k, "batch": batch, "seq": seq, "seconds": dict(seconds),
+            "tokens_per_s": {n: batch * seq / s for n, s in seconds.items()},
+            "over_base_act": {n: seconds.ratio(n, "base_act") for n in seconds},
+            "gate_step_over_base_act": seconds.ratio("gate_step", "base_act"),
+            "gate_step_over_base_full": seconds.ratio("gate_step", "base_full"),
+            "ckpt_over_no_ckpt": seconds.ratio("gate_step_ckpt", "gate_step"),
+            "lora_flop_ratio": floor, "peak_memory": mem}

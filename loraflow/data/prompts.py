@@ -1,0 +1,139 @@
+"""Prompt templates of LoRA-Flow: pure functions from strings and records to the exact text the model sees.
+
+Training (SPEC §2), two styles:
+- `llama2-chat` (the original): `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{input} [/INST]` + response + ` </s>`.
+  The prompt text carries the BOS as `<s>`, so it must be tokenised with `add_special_tokens=False`.
+- `chat-template`: the tokenizer's own `apply_chat_template` (system + user, generation prompt) + response + eos;
+  for base models whose chat format is not Llama-2's.
+
+Evaluation (SPEC §3): one template per (task, split) in `EVAL_TEMPLATES`, filled from the record, the language's
+system prompt (math) or the language's instruction (code). The texts follow the original UltraEval transforms
+character for character, including three details SPEC §3 leaves out: the HumanEval prompt is `.strip()`-ed
+before its 4-space indents become tabs, the MBPP prompt is wrapped in literal `\"\"\"` quotes, and the Russian
+MBPP instruction has no final period while the Russian HumanEval one has (giving `задачи.:`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from loraflow.errors import LoraflowError
+
+STYLES = ("llama2-chat", "chat-template")
+LLAMA2_PROMPT = "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{input} [/INST]"
+LLAMA2_EOS = " </s>"
+# The original appended this ("Let's think step by step.") after `[/INST]` of every training prompt, for every
+# language and task, although no evaluation prompt has it. Off by default; `cot_suffix=True` reproduces it.
+COT_SUFFIX = "让我们一步一步地思考。"
+
+# System prompts loraflow adds for languages the release has none for; `system_prompts.json` always wins.
+# en_math mirrors the structure of the release's zh/ru/es math prompts; en_code matches the code instruction.
+DEFAULT_SYSTEM_PROMPTS = {
+    "en_math": "You are an English AI assistant, and your responsibility is to help users solve their problems. "
+               "When answering questions, so that English-speaking users can better understand your answers, you "
+               "may only answer in English. Try to make your answers as helpful and readable as possible, and do "
+               "not output any harmful content.",
+    "en_code": "Create a Python script for this problem",
+}
+
+
+def system_prompt(system_prompts: Mapping[str, str], lang: str, task: str) -> str:
+    """The system prompt for `{lang}_{task}`: from `system_prompts` (the release's file), else loraflow's default."""
+    key = f"{lang}_{task}"
+    if key in system_prompts:
+        return system_prompts[key]
+    if key in DEFAULT_SYSTEM_PROMPTS:
+        return DEFAULT_SYSTEM_PROMPTS[key]
+    have = sorted(set(system_prompts) | set(DEFAULT_SYSTEM_PROMPTS))
+    raise LoraflowError(f"no system prompt for {key!r} (have: {', '.join(have)}); add one to system_prompts.json")
+
+
+def chat_prompt(tokenizer, system: str | None, user: str) -> str:
+    """The tokenizer's chat template applied to (system, user) with the assistant's generation prompt, as text."""
+    from jinja2.exceptions import TemplateError
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (ValueError, TemplateError) as e:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise LoraflowError(f"the chat template of tokenizer {name!r} failed: {e} "
+                            "(use style 'llama2-chat', or a tokenizer whose template accepts a system message)") from e
+
+
+def training_texts(system: str, input_text: str, output_text: str, *, style: str = "llama2-chat",
+                   tokenizer=None, cot_suffix: bool = False) -> tuple[str, str]:
+    """`(prompt, response)` texts of one training example; the loss goes on the response (which ends with eos).
+
+    `style="chat-template"` needs `tokenizer`. `cot_suffix=True` appends `COT_SUFFIX` to the prompt, as the
+    original did (faithful mode only).
+    """
+    if style == "llama2-chat":
+        prompt, eos = LLAMA2_PROMPT.format(system=system, input=input_text), LLAMA2_EOS
+    elif style == "chat-template":
+        if tokenizer is None or tokenizer.eos_token is None:
+            raise LoraflowError("style 'chat-template' needs a tokenizer with a chat template and an eos token")
+        prompt, eos = chat_prompt(tokenizer, system, input_text), tokenizer.eos_token
+    else:
+        raise LoraflowError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
+    return prompt + (COT_SUFFIX if cot_suffix else ""), output_text + eos
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+MGSM_PROMPT = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{question} [/INST]"
+CODE_INSTRUCTIONS = {  # the zh/ru/es texts are the release's `{lang}_code` system prompts
+    "zh": "为这个问题创建一个Python脚本",
+    "ru": "Создайте Python скрипт для этой задачи.",
+    "es": "Crear un script de Python para este problema",
+    "en": "Create a Python script for this problem",
+}
+
+
+@dataclass(frozen=True)
+class EvalTemplate:
+    """One evaluation prompt: `text` is filled with `fields(record)` plus `system` or `instruction`."""
+
+    name: str
+    text: str
+    fields: Callable[[dict], dict]
+    instructions: Mapping[str, str] | None = None  # per language (code); None: uses the `{lang}_{task}` system prompt
+
+
+EVAL_TEMPLATES: dict[tuple[str, str], EvalTemplate] = {  # (task, split) -> template
+    ("math", "test"): EvalTemplate("mgsm", MGSM_PROMPT, lambda r: {"question": r["question"]}),
+    ("math", "dev"): EvalTemplate("math-dev", MGSM_PROMPT, lambda r: {"question": r["question"]}),
+    ("code", "test"): EvalTemplate(
+        "humaneval", "[INST]{instruction}:\n{prompt}\n\n[/INST]",
+        lambda r: {"prompt": r["prompt"].strip().replace("    ", "\t")}, CODE_INSTRUCTIONS),
+    ("code", "dev"): EvalTemplate(
+        "mbpp", '"""[INST]{instruction}: {text}[/INST]\n{tests}"""',
+        lambda r: {"text": r["text"], "tests": "\n".join(r["test_list"])},
+        {**CODE_INSTRUCTIONS, "ru": "Создайте Python скрипт для этой задачи"}),
+}
+
+
+def eval_prompt(record: dict, task: str, split: str, lang: str, *, system_prompts: Mapping[str, str] | None = None,
+                system: str | None = None, instruction: str | None = None) -> str:
+    """The original evaluation prompt for one `record` of `{lang}_{task}_{split}` (no BOS text: the tokenizer adds it).
+
+    Math needs the system prompt: `system`, else looked up in `system_prompts` (see `system_prompt`). Code uses
+    `instruction`, else the template's instruction for `lang`.
+    """
+    template = EVAL_TEMPLATES.get((task, split))
+    if template is None:
+        raise LoraflowError(f"no evaluation prompt for task {task!r} split {split!r}; "
+                            f"have: {', '.join(f'{t}/{s}' for t, s in EVAL_TEMPLATES)}")
+    try:
+        fields = template.fields(record)
+    except KeyError as e:
+        raise LoraflowError(f"a {template.name} prompt needs field {e} in the record") from None
+    if template.instructions is None:
+        fields["system"] = system if system is not None else system_prompt(system_prompts or {}, lang, task)
+    else:
+        if instruction is None and lang not in template.instructions:
+            raise LoraflowError(f"no {template.name} instruction for language {lang!r} "
+                                f"(have: {', '.join(template.instructions)}); pass instruction=...")
+        fields["instruction"] = instruction if instruction is not None else template.instructions[lang]
+    return template.text.format(**fields)
