@@ -42,10 +42,11 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
 
 
 def tiny_lora(model, out_dir: str | os.PathLike | None = None, r: int = 4, alpha: float = 16.0, seed: int = 0,
-              target_modules=SEVEN_PROJECTIONS, dropout: float = 0.0, use_rslora: bool = False,
+              target_modules=SEVEN_PROJECTIONS, dropout: float = 0.1, use_rslora: bool = False,
               std: float = 0.1, rank_pattern: dict | None = None):
     """Make a PEFT LoRA for `model` with random A *and* B (PEFT would zero B), optionally saved to `out_dir`.
 
+    `dropout` defaults to the released LoRAs' 0.1, so inference paths are tested with the real setting.
     Returns the `PeftModel` (the base model is wrapped in place; pass a fresh model if that matters).
     """
     from peft import LoraConfig, get_peft_model

