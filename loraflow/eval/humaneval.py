@@ -21,7 +21,8 @@ tabs 4 spaces; the first fenced block is taken whatever its language tag (```` `
 a bare ```` ``` ````); an answer phrase (`The solution is:`, `The answer is:`) before the code is dropped; the text
 is cut at `if __name__ ...` and `# Example usage`; leading blank lines and trailing whitespace go, but the indent
 stays. A completion that defines the entry point is used as it is (after the English prompt, it replaces the stub);
-one that does not is a body: when its first line lost its indent it is indented by 4 spaces.
+one that does not is a body: when its first line lost its indent it is indented by 4 spaces. Unfenced prose
+before top-level code is dropped (from the first `def`/`import`/... line, to the longest end that parses).
 
 The program (`humaneval_program`) is the **English** HumanEval prompt + the completion + the test + `check(entry)`.
 A translated signature that renames the function leaves the English stub in place, which fails `check`: the data
@@ -34,6 +35,7 @@ a `\"\"\"` string, the completion, the tests); strict = the strict code extracti
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import math
@@ -67,6 +69,7 @@ def postprocess_completion(generation: str) -> str:
     return text
 
 
+CODE_STARTS = ("def ", "async def ", "class ", "import ", "from ", "@")
 # a fence line: three backticks, an optional language tag, the end of the line
 _FENCE = re.compile(r"^[ \t]*```[\w.+-]*[ \t]*$", re.MULTILINE)
 
@@ -83,6 +86,7 @@ def postprocess_strict(generation: str, entry_point: str | None = None) -> str:
             cut = text.find(phrase)
             if cut >= 0:
                 text = text[cut + len(phrase):]
+        text = _code_span(text)
     for marker in (MAIN_GUARD, EXAMPLE_USAGE):
         cut = text.find(marker)
         if cut >= 0:
@@ -93,12 +97,34 @@ def postprocess_strict(generation: str, entry_point: str | None = None) -> str:
     if not lines:
         return ""
     defines = entry_point is not None and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", text, re.M)
-    body_lost_indent = (not defines and not lines[0].startswith((" ", "def ", "import ", "from ", "class ", "@"))
-                        and any(line.startswith(" ") for line in lines[1:]))
-    if body_lost_indent or (not defines and all(not line.startswith(" ") for line in lines)
-                            and not lines[0].startswith(("def ", "import ", "from ", "class ", "@"))):
-        lines = ["    " + line if line.strip() else line for line in lines]
+    first = lines[0]
+    indent = len(first) - len(first.lstrip())
+    if first.lstrip().startswith(CODE_STARTS):
+        lines[0] = first.lstrip()  # top-level code: a stray leading space would be an IndentationError
+    elif not defines:  # a body: it continues the English prompt's `def`, whose body is indented by 4
+        rest_indented = any(line.startswith(" ") for line in lines[1:] if line.strip())
+        if indent == 0 and not rest_indented:
+            lines = ["    " + line if line.strip() else line for line in lines]
+        elif indent % 4 or indent == 0:
+            lines[0] = "    " + first.lstrip()  # only the first line lost (or gained) its indent
     return "\n".join(lines) + "\n"
+
+
+def _code_span(text: str) -> str:
+    """Unfenced text that holds top-level code after some prose: from the first line that starts code (`def`,
+    `import`, ...) to the longest end that parses; the text unchanged when no line starts code."""
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(CODE_STARTS)), None)
+    if start is None:
+        return text
+    lines = lines[start:]
+    for end in range(len(lines), 0, -1):
+        try:
+            ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        return "\n".join(lines[:end])
+    return "\n".join(lines)
 
 
 def mbpp_faithful_completion(generation: str) -> str | None:
