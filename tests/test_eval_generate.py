@@ -92,11 +92,11 @@ def counting(monkeypatch):
     calls, real = [], gen.generate_batch
     state = {"crash_on": None}
 
-    def counted(model, tokenizer, prompt_ids, config):
+    def counted(model, tokenizer, prompt_ids, config, **kwargs):
         calls.append(len(prompt_ids))
         if state["crash_on"] == len(calls):
             raise KeyboardInterrupt("simulated crash")
-        return real(model, tokenizer, prompt_ids, config)
+        return real(model, tokenizer, prompt_ids, config, **kwargs)
 
     monkeypatch.setattr(gen, "generate_batch", counted)
     return calls, state
@@ -171,3 +171,69 @@ def test_a_file_from_other_prompts_is_refused(flow, tok, tmp_path):
 def test_decode_config_is_validated(kwargs):
     with pytest.raises(LoraflowError):
         DecodeConfig(**kwargs)
+
+
+class SentencePieceLike:
+    """A tokenizer whose decode drops the space before a sequence's first word, as Llama-2's does; ids are
+    indices into `pieces` ("▁" = a space), 0 is BOS (special)."""
+
+    pieces = ["<s>", "▁[INST]", "▁hi", "▁[/INST]", "▁def", "▁f", "():", "\n", "▁return"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == 0)).replace("▁", " ")
+        return text[1:] if text.startswith(" ") else text
+
+
+@pytest.mark.parametrize("prompt_ids,prompt,new_ids,alone,original", [
+    # the answer's leading space survives when decoded with the prompt, and the prompt string is cut off
+    ([0, 1, 2, 3], "[INST] hi [/INST]", [4, 5, 6], "def f():", " def f():"),
+    # a prompt string that does not round-trip through the tokenizer stays in (SPEC §3)
+    ([0, 1, 2, 3], "[INST]  hi [/INST]", [4, 5, 6], "def f():", "[INST] hi [/INST] def f():"),
+    # up to the first EOS (id 7 here), as the decoded new tokens
+    ([0, 1, 2, 3], "[INST] hi [/INST]", [8, 7, 4], "return", " return"),
+])
+def test_the_generation_as_the_original_saw_it(prompt_ids, prompt, new_ids, alone, original):
+    tok = SentencePieceLike()
+    assert gen.decode_generation(tok, new_ids, [7], ()) == alone
+    assert gen.decode_as_original(tok, prompt_ids, new_ids, prompt, [7], ()) == original
+
+
+def test_original_view_is_recorded_beside_the_generation(flow, tok, tmp_path):
+    items = [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS[:3])]
+    config = DecodeConfig(max_new_tokens=4, batch_size=2, original_view=True)
+    rows = generate_predictions(flow, tok, items, tmp_path / "p.jsonl", config, progress=False)
+    plain = generate_texts(flow, tok, PROMPTS[:3], DecodeConfig(max_new_tokens=4, batch_size=2))
+    assert [r["generation"] for r in rows] == plain
+    for row, ids in zip(rows, encode_prompts(tok, PROMPTS[:3], 2048)):
+        full = tok.decode(ids + tok(row["generation"], add_special_tokens=False)["input_ids"],
+                          skip_special_tokens=True)
+        assert row["generation_original"] == (full[len(row["prompt"]):] if full.startswith(row["prompt"]) else full)
+
+
+def test_no_autocast_the_model_runs_in_its_dtype(flow, tok, monkeypatch):
+    """The original evaluated in fp32: generation never enters torch.autocast, whatever the device."""
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"torch.autocast entered with {args} {kwargs}")
+
+    monkeypatch.setattr(torch, "autocast", refuse)
+    monkeypatch.setattr(torch.amp, "autocast", refuse)
+    assert len(generate_texts(flow, tok, PROMPTS[:2], DecodeConfig(max_new_tokens=3))) == 2
+
+
+def test_eval_dtype_defaults_to_fp32_and_is_the_one_that_ran(tiny_pair):
+    import argparse
+
+    import torch
+
+    from loraflow.eval import run as eval_run
+
+    p = argparse.ArgumentParser()
+    eval_run.add_arguments(p)
+    args = p.parse_args(["--task", "mgsm", "--language", "zh", "--method", "average", "--base", "x"])
+    assert eval_run._device_dtype(args)[1] == "float32"
+    _, loras = tiny_pair
+    for dtype in (torch.float32, torch.bfloat16):
+        model = FlowModel.from_pretrained(tiny_model("llama", seed=0), loras, torch_dtype=dtype)
+        assert eval_run.base_dtype(model) == str(dtype).removeprefix("torch.")

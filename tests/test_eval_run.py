@@ -143,12 +143,12 @@ import os, runpy, signal, sys
 from pathlib import Path
 from loraflow.eval import generate as gen
 log, kill_at, real = Path(os.environ["BATCH_LOG"]), int(os.environ.get("KILL_AT_BATCH", "0")), gen.generate_batch
-def batch(model, tokenizer, ids, config):
+def batch(model, tokenizer, ids, config, **kwargs):
     with log.open("a") as f:
         f.write(f"{len(ids)}\\n")
     if kill_at and len(log.read_text().splitlines()) == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)  # after the earlier batches were written, before this one is
-    return real(model, tokenizer, ids, config)
+    return real(model, tokenizer, ids, config, **kwargs)
 gen.generate_batch = batch
 sys.argv = ["loraflow", *sys.argv[3:]]  # called as: python -c KILLER -m loraflow.cli eval ...
 runpy.run_module("loraflow.cli", run_name="__main__")
@@ -194,7 +194,8 @@ def test_rerun_after_a_crash_generates_only_what_is_missing(setup, tmp_path, mon
     path.write_text("".join(lines[:2]) + lines[2][:20], encoding="utf-8")  # died while writing line 3
     calls = []
     real = gen.generate_batch
-    monkeypatch.setattr(gen, "generate_batch", lambda m, t, ids, c: calls.append(len(ids)) or real(m, t, ids, c))
+    monkeypatch.setattr(gen, "generate_batch",
+                        lambda m, t, ids, c, **kw: calls.append(len(ids)) or real(m, t, ids, c, **kw))
     assert main(args) == 0
     assert sum(calls) == 2
     assert path.read_text(encoding="utf-8") == full  # same generations, each id once, in order

@@ -12,32 +12,113 @@ from loraflow.errors import LoraflowError
 from loraflow.eval.humaneval import (
     humaneval_program,
     load_english_humaneval,
+    mbpp_faithful_completion,
+    mbpp_faithful_program,
     mbpp_program,
     pass_at_k,
     postprocess_completion,
+    postprocess_strict,
 )
 from loraflow.eval.sandbox.runner import run_many
 
 FUNC = "def f(x):\n    return x + 1\n"
+CODE = FUNC.strip()
 
-POSTPROCESS_CASES = [
-    ("plain code is kept", FUNC, FUNC),
-    ("tabs become 4 spaces", "def f(x):\n\treturn x + 1\n", FUNC),
-    ("first python block", f"Here:\n```python\n{FUNC}```\nand\n```python\nBAD = 1\n```", f"\n{FUNC}"),
-    ("unclosed block runs to the end", f"Sure!\n```python\n{FUNC}", f"\n{FUNC}"),
-    ("a bare ``` block is not a python block", f"```\n{FUNC}```", f"```\n{FUNC}```"),
-    ("cut at __main__", f'{FUNC}\nif __name__ == "__main__":\n    print(f(1))\n', f"{FUNC}\n"),
-    ("cut at # Example usage", f"{FUNC}\n# Example usage:\nprint(f(1))\n", f"{FUNC}\n"),
-    ("both cuts, inside a block", f'```python\n{FUNC}# Example usage\nf(1)\nif __name__ == "__main__":\n```',
-     f"\n{FUNC}"),
-    ("tabs inside a block", "```python\ndef f(x):\n\treturn x + 1\n```", f"\n{FUNC}"),
-    ("empty", "", ""),
+# SPEC §3, HumanEvalPostWizardCode: one table per step, (generation, the original's completion).
+FAITHFUL_STEPS = {
+    "1 tabs become 4 spaces": [("def f(x):\n\treturn x + 1\n", CODE),
+                               ("\tdef f(x):\n\t\treturn x", "def f(x):\n        return x")],
+    "2 every CR is removed": [("def f(x):\r\n    return x + 1\r\n", CODE), ("a\rb", "ab")],
+    "3 the whole text is stripped": [
+        ("\n\n" + FUNC + "\n\n", CODE), ("    return x + 1\n", "return x + 1"),  # a body loses its first indent
+        (" def f(x):\n    return x + 1", CODE), ("", ""), (" \n\t \r\n", "")],
+    "4 the first ```python block": [
+        (f"Here:\n```python\n{FUNC}```\nand\n```python\nBAD = 1\n```", CODE),
+        (f"Sure!\n```python\n{FUNC}", "\n" + CODE),  # unclosed: no strip after deleting the fence
+        (f"```\n{FUNC}```", f"```\n{CODE}\n```"),  # a bare fence is not a python fence
+        (f"```Python\n{FUNC}```", f"```Python\n{CODE}\n```"),  # case matters
+        (f"```python\n{FUNC}```", CODE), ("```python\n    return x + 1\n```", "return x + 1")],
+    "5 cut at __main__": [(f'{FUNC}\nif __name__ == "__main__":\n    print(f(1))\n', CODE),
+                          (f"{FUNC}if __name__ == '__main__': f(1)", f"{FUNC}if __name__ == '__main__': f(1)")],
+    "6 cut at # Example usage": [(f"{FUNC}\n# Example usage:\nprint(f(1))\n", CODE),
+                                 (f"{FUNC}# example usage\nf(1)", f"{FUNC}# example usage\nf(1)")],
+    "7 The solution is:": [(f"The solution is:\n{FUNC}\n\nThe answer is: 5", CODE),
+                           (f"print(0)\nThe solution is: {FUNC}", CODE)],
+    "8 The answer is:": [(f"Some text.\nThe answer is:\n{FUNC}", CODE),
+                         (f"The answer is: {FUNC}The answer is: 3", CODE + "\n 3")],
+}
+
+
+@pytest.mark.parametrize("step,generation,expected", [(step, g, e) for step, cases in FAITHFUL_STEPS.items()
+                                                      for g, e in cases])
+def test_faithful_postprocess_step(step, generation, expected):
+    assert postprocess_completion(generation) == expected
+
+
+STRICT_CASES = [
+    ("a full function is kept", FUNC, "f", FUNC),
+    ("a body keeps its indent", "    return x + 1\n", "f", "    return x + 1\n"),
+    ("a body that lost its first indent", "return [x]\n", "f", "    return [x]\n"),
+    ("a stripped multi-line body", "for i in x:\n        pass\n    return 1", "f",
+     "    for i in x:\n        pass\n    return 1\n"),
+    ("a leading space", " " + "    return x + 1", "f", "    return x + 1\n"),
+    ("CRLF and lone CR", "def f(x):\r\n    return x + 1\r", "f", FUNC),
+    ("any fence tag", f"Code:\n```py\n{FUNC}```\nDone", "f", FUNC),
+    ("a bare fence", f"```\n{FUNC}```", "f", FUNC),
+    ("a Python3 fence, unclosed", f"```Python3\n{FUNC}", "f", FUNC),
+    ("a fenced body", "```python\n    return x + 1\n```", "f", "    return x + 1\n"),
+    ("the answer phrase goes", f"The answer is:\n{FUNC}", "f", FUNC),
+    ("cut at __main__ and example usage", f'{FUNC}\n# Example usage\nf(1)\nif __name__ == "__main__":\n', "f", FUNC),
+    ("tabs", "def f(x):\n\treturn x + 1", "f", FUNC),
+    ("a helper before the function is code", "import math\n" + FUNC, "f", "import math\n" + FUNC),
+    ("empty", "  \n", "f", ""),
 ]
 
 
-@pytest.mark.parametrize("name,generation,expected", POSTPROCESS_CASES, ids=[c[0] for c in POSTPROCESS_CASES])
-def test_postprocess(name, generation, expected):
-    assert postprocess_completion(generation) == expected
+@pytest.mark.parametrize("name,generation,entry,expected", STRICT_CASES, ids=[c[0] for c in STRICT_CASES])
+def test_strict_postprocess(name, generation, entry, expected):
+    assert postprocess_strict(generation, entry) == expected
+
+
+def test_mbpp_faithful_completion():
+    assert mbpp_faithful_completion("Sure:\n\ndef f(x):\n    return x\n\nprint(f(1))") == "def f(x):\n    return x"
+    assert mbpp_faithful_completion("def f(x):\n    return x") is None  # the original's IndexError
+    assert mbpp_faithful_completion("\n\n") == ""
+    assert mbpp_faithful_program("Add one.", FUNC, ["assert f(1) == 2"]) == (
+        '"""Add one.\nassert f(1) == 2"""\n' + FUNC + "\nassert f(1) == 2")
+
+
+# The canonical solution of a problem in the formats models write, and the verdicts SPEC §3's rules give:
+# (name, build(english prompt, body), faithful passes, strict passes). "full" = prompt + body (the whole function).
+CANONICAL_FORMATS = [
+    ("plain body", lambda p, b: b, False, True),  # step 3 strips the first indent
+    ("leading space", lambda p, b: " " + b, False, True),
+    ("CRLF", lambda p, b: (p + b).replace("\n", "\r\n"), True, True),
+    ("tabs", lambda p, b: (p + b).replace("    ", "\t"), True, True),
+    ("fenced full function", lambda p, b: f"Here is the script:\n```python\n{p}{b}```\nIt works.", True, True),
+    ("fenced body", lambda p, b: f"```python\n{b}```", False, True),
+    ("The answer is: + full", lambda p, b: f"The answer is:\n{p}{b}", True, True),
+    ("body + # Example usage", lambda p, b: f"{b}\n# Example usage\nprint(1)\n", False, True),
+    ("full + __main__", lambda p, b: f'{p}{b}\nif __name__ == "__main__":\n    print(1)\n', True, True),
+]
+CANONICAL_PROBLEMS = ("HumanEval/0", "HumanEval/12", "HumanEval/23")
+
+
+def test_canonical_solutions_in_common_formats():
+    """Faithful and strict verdicts for 3 problems × 9 formats, run in the sandbox."""
+    english = load_english_humaneval()
+    cases, programs = [], []
+    for task_id in CANONICAL_PROBLEMS:
+        p = english[task_id]
+        for name, build, faithful, strict in CANONICAL_FORMATS:
+            generation = build(p["prompt"], p["canonical_solution"])
+            for mode, completion, want in (("faithful", postprocess_completion(generation), faithful),
+                                           ("strict", postprocess_strict(generation, p["entry_point"]), strict)):
+                cases.append((task_id, name, mode, want))
+                programs.append(humaneval_program(p["prompt"], completion, p["test"], p["entry_point"]))
+    outcomes = run_many(programs, 3.0, workers=2, allow_code_execution=True)
+    got = [(t, n, m, o["status"] == "passed") for (t, n, m, _), o in zip(cases, outcomes, strict=True)]
+    assert got == cases
 
 
 def test_programs():

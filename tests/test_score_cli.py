@@ -71,13 +71,18 @@ def test_math_dev(tmp_path, loraflow_data):
     data = loraflow_data / "dev" / "zh_math_dev.jsonl"
     ids = [str(json.loads(line)["id"]) for line in data.open(encoding="utf-8")][:2]
     preds = write_predictions(tmp_path / "p.jsonl", [
-        {"id": ids[0], "generation": "The answer is: 3", "language": "zh"},  # item 0's gold is 3
-        {"id": ids[1], "generation": "The answer is: 5", "language": "zh"}])  # item 1's is 4
+        {"id": ids[0], "generation": "The answer is: 3", "language": "zh"},  # item 0's answer is 3
+        {"id": ids[1], "generation": "The answer is: 4", "language": "zh"}])  # item 1's is 4
     assert main(["score", "--task", "math-dev", "--predictions", str(preds), "--data-root",
                  str(loraflow_data)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"] == str(data) and results["split"] == "dev"
-    assert [s["correct"] for s in read_lines(tmp_path / "p.scored.jsonl")] == [True, False]
+    scored = read_lines(tmp_path / "p.scored.jsonl")
+    # SPEC §3: the faithful gold is GSM8KPost of the whole answer; item 0's ends "... x=3$。" after its last "=",
+    # so it is "3$。" and can never be matched; strict reads the English "The answer is: 3"
+    assert [s["gold"] for s in scored] == ["3$。", "4"] and [s["gold_strict"] for s in scored] == ["3", "4"]
+    assert [s["correct"] for s in scored] == [False, True] and [s["correct_strict"] for s in scored] == [True, True]
+    assert results["metrics"] == {"accuracy": 0.5, "accuracy_strict": 1.0}
 
 
 def humaneval_rows(loraflow_data, n: int) -> list[dict]:
@@ -104,23 +109,26 @@ def test_humaneval(tmp_path, loraflow_data):
     assert main(["score", "--task", "humaneval", "--predictions", str(preds), "--data-root", str(loraflow_data),
                  "--allow-code-execution", "--workers", "2"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["metrics"] == {"pass@1": 0.5}
+    assert results["metrics"] == {"pass@1": 0.5, "pass@1_strict": 0.5}
     assert results["counts"]["missing_ids"] == 160 and results["counts"]["samples_per_id_min"] == 1
     assert results["config"]["timeout"] == 3.0 and isinstance(results["config"]["sandbox"], list)
     scored = read_lines(tmp_path / "he.scored.jsonl")
     assert [s["correct"] for s in scored] == [True, False, True, False, True, False]
-    assert scored[1]["detail"].startswith("failed") and scored[0]["extracted"].startswith("\n")
+    assert scored[1]["detail"].startswith("failed") and scored[0]["extracted"].startswith("from typing import")
 
 
 def test_code_dev(tmp_path, loraflow_data):
     data = loraflow_data / "dev" / "es_code_dev.jsonl"
     items = [json.loads(line) for line in data.open(encoding="utf-8")][:2]
     preds = write_predictions(tmp_path / "p.jsonl", [
-        {"id": items[0]["task_id"], "generation": f"```python\n{items[0]['code']}\n```"},
-        {"id": items[1]["task_id"], "generation": "def nothing():\n    pass\n"}])
+        {"id": items[0]["task_id"], "generation": f"Aquí está:\n\n{items[0]['code']}\n\nFunciona."},
+        {"id": items[1]["task_id"], "generation": f"```python\n{items[1]['code']}\n```"}])
     assert main(["score", "--task", "code-dev", "--predictions", str(preds), "--data", str(data),
                  "--allow-code-execution", "--workers", "2"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["metrics"] == {"pass@1": 0.5}
+    # faithful: split("\n\n")[1] is item 0's code; item 1 has no blank line (the original's IndexError)
+    assert results["metrics"] == {"pass@1": 0.5, "pass@1_strict": 1.0}
+    scored = read_lines(tmp_path / "p.scored.jsonl")
+    assert scored[1]["detail"].startswith("failed: IndexError") and results["counts"]["no_blank_line"] == 1
     # 20 lines but 19 ids: task 599 appears twice in the es file (a duplicate record)
     assert results["counts"]["items"] == 19 and results["counts"]["missing_ids"] == 17

@@ -7,7 +7,8 @@ Training (SPEC §2), two styles:
   for base models whose chat format is not Llama-2's.
 
 Evaluation (SPEC §3): one template per (task, split) in `EVAL_TEMPLATES`, filled from the record, the language's
-system prompt (math) or the language's instruction (code). The texts follow the original UltraEval transforms
+system prompt (math: `EVAL_SYSTEM_PROMPTS` where the original hard-coded another text than system_prompts.json,
+i.e. ru) or the language's instruction (code). The texts follow the original UltraEval transforms
 character for character, including three details SPEC §3 leaves out: the HumanEval prompt is `.strip()`-ed
 before its 4-space indents become tabs, the MBPP prompt is wrapped in literal `\"\"\"` quotes, and the Russian
 MBPP instruction has no final period while the Russian HumanEval one has (giving `задачи.:`).
@@ -24,7 +25,8 @@ STYLES = ("llama2-chat", "chat-template")
 LLAMA2_PROMPT = "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{input} [/INST]"
 LLAMA2_EOS = " </s>"
 # The original appended this ("Let's think step by step.") after `[/INST]` of every training prompt, for every
-# language and task, although no evaluation prompt has it. Off by default; `cot_suffix=True` reproduces it.
+# language and task, although no evaluation prompt has it. The recipe (`TrainConfig.cot_suffix`) adds it by default;
+# `--no-cot-suffix` drops it.
 COT_SUFFIX = "让我们一步一步地思考。"
 
 # System prompts loraflow adds for languages the release has none for; `system_prompts.json` always wins.
@@ -83,6 +85,16 @@ def training_texts(system: str, input_text: str, output_text: str, *, style: str
 # ---- evaluation -------------------------------------------------------------------------------------------------
 
 MGSM_PROMPT = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{question} [/INST]"
+# Evaluation system prompts the original hard-coded in its prompt builders where they differ from
+# system_prompts.json (which training uses). Only ru math differs: "ответственность - помогать" (with " -"), for
+# the test and the dev set alike (SPEC §3). zh and es math use system_prompts.json's text, which equals theirs.
+EVAL_SYSTEM_PROMPTS = {
+    "ru_math": "Ты являешься русским ассистентом искусственного интеллекта, твоя ответственность - помогать "
+               "пользователям решать их проблемы. При отвечании на вопросы, для того, чтобы русскоязычные "
+               "пользователи лучше понимали твои ответы, ты можешь использовать только русский язык. Старайся, "
+               "чтобы твои ответы были максимально полезными и читаемыми, и не допускай публикации вредоносного "
+               "контента. Пожалуйста, не используй английский язык для ответа.",
+}
 CODE_INSTRUCTIONS = {  # the zh/ru/es texts are the release's `{lang}_code` system prompts
     "zh": "为这个问题创建一个Python脚本",
     "ru": "Создайте Python скрипт для этой задачи.",
@@ -118,7 +130,8 @@ def eval_prompt(record: dict, task: str, split: str, lang: str, *, system_prompt
                 system: str | None = None, instruction: str | None = None) -> str:
     """The original evaluation prompt for one `record` of `{lang}_{task}_{split}` (no BOS text: the tokenizer adds it).
 
-    Math needs the system prompt: `system`, else looked up in `system_prompts` (see `system_prompt`). Code uses
+    Math needs the system prompt: `system`, else the original's hard-coded evaluation prompt
+    (`EVAL_SYSTEM_PROMPTS`, ru), else looked up in `system_prompts` (see `system_prompt`). Code uses
     `instruction`, else the template's instruction for `lang`.
     """
     template = EVAL_TEMPLATES.get((task, split))
@@ -130,7 +143,8 @@ def eval_prompt(record: dict, task: str, split: str, lang: str, *, system_prompt
     except KeyError as e:
         raise LoraflowError(f"a {template.name} prompt needs field {e} in the record") from None
     if template.instructions is None:
-        fields["system"] = system if system is not None else system_prompt(system_prompts or {}, lang, task)
+        fields["system"] = (system if system is not None else EVAL_SYSTEM_PROMPTS.get(f"{lang}_{task}")
+                            or system_prompt(system_prompts or {}, lang, task))
     else:
         if instruction is None and lang not in template.instructions:
             raise LoraflowError(f"no {template.name} instruction for language {lang!r} "

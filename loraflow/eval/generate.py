@@ -10,7 +10,11 @@ Every row of a batch is computed exactly as it would be alone: greedy decoding w
 not depend on the other rows, and a row that stops early is filled with padding that is dropped afterwards.
 
 `predictions.jsonl` is the contract between generation and scoring (DESIGN.md): one line per item with `id`,
-`task`, `language`, `split`, `method`, `prompt`, `generation`. It is written one batch at a time (append, flush,
+`task`, `language`, `split`, `method`, `prompt`, `generation` (the new tokens up to EOS, decoded alone), and with
+`DecodeConfig.original_view` also `generation_original`: the text the original harness scored (SPEC §3
+"Decoding": the whole sequence decoded, the prompt string cut off when it is a prefix, so a leading space
+survives). The faithful scorers read `generation_original` when it is there, the strict ones `generation`.
+The model runs in its own dtype, never under an autocast. It is written one batch at a time (append, flush,
 fsync), so a crash loses at most the batch in flight; a rerun skips every id already in the file, and drops a
 last line that a crash cut short (the file is rewritten atomically without it).
 """
@@ -38,6 +42,9 @@ class DecodeConfig:
     batch_size: int = 8  # prompts per forward; does not change the generations
     stop: tuple[str, ...] = ()  # a row also stops once its generated text contains one of these (cut before it)
     add_special_tokens: bool = True  # let the tokenizer add BOS (False when the prompt text already has it)
+    # also record `generation_original`: the text as the original harness saw it (`decode_as_original`), which
+    # the faithful scorers read; the original prompt style only
+    original_view: bool = False
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_prompt_tokens", "batch_size"):
@@ -84,13 +91,27 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def decode_generation(tokenizer, new_ids: Sequence[int], eos: Sequence[int], stop: Sequence[str]) -> str:
-    """The text of one row's generated ids: up to the first EOS, special tokens dropped, cut at a stop string."""
+def _until_eos(new_ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     new_ids = list(new_ids)
     ends = [new_ids.index(e) for e in eos if e in new_ids]
-    if ends:
-        new_ids = new_ids[:min(ends)]
-    return cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stop)
+    return new_ids[:min(ends)] if ends else new_ids
+
+
+def decode_generation(tokenizer, new_ids: Sequence[int], eos: Sequence[int], stop: Sequence[str]) -> str:
+    """The text of one row's generated ids: up to the first EOS, special tokens dropped, cut at a stop string."""
+    return cut_at_stop(tokenizer.decode(_until_eos(new_ids, eos), skip_special_tokens=True), stop)
+
+
+def decode_as_original(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int], prompt: str,
+                       eos: Sequence[int], stop: Sequence[str]) -> str:
+    """The generation as the original harness saw it (SPEC §3): the whole sequence decoded with special tokens
+    dropped; the prompt string cut off when the text starts with it, else the whole text kept (prompt included).
+
+    Decoding the prompt and the answer together keeps a leading space of the answer that decoding the new tokens
+    alone drops (SentencePiece tokenizers strip the space of a sequence's first token).
+    """
+    text = tokenizer.decode(list(prompt_ids) + _until_eos(new_ids, eos), skip_special_tokens=True)
+    return cut_at_stop(text[len(prompt):] if text.startswith(prompt) else text, stop)
 
 
 def _stop_criterion(tokenizer, stop: Sequence[str], prompt_width: int):
@@ -118,8 +139,13 @@ def _stop_criterion(tokenizer, stop: Sequence[str], prompt_width: int):
     return StopOnStrings()
 
 
-def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], config: DecodeConfig) -> list[str]:
-    """Greedy generations for one left-padded batch of token-id prompts, in the given order."""
+def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], config: DecodeConfig,
+                   prompts: Sequence[str] | None = None) -> list[str] | list[tuple[str, str]]:
+    """Greedy generations for one left-padded batch of token-id prompts, in the given order; with `prompts` (the
+    prompt strings), `(generation, generation as the original saw it)` pairs.
+
+    The model runs in its own dtype: no autocast (the original ran fp32; a bf16 model is asked for with its dtype).
+    """
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -136,15 +162,20 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], config
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, pad_token_id=pad,
                                   eos_token_id=eos, num_beams=1)
     criteria = StoppingCriteriaList([_stop_criterion(tokenizer, config.stop, width)] if config.stop else [])
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=gen_config, stopping_criteria=criteria)
-    return [decode_generation(tokenizer, row[width:].tolist(), eos, config.stop) for row in out.cpu()]
+    texts = [decode_generation(tokenizer, row[width:].tolist(), eos, config.stop) for row in out.cpu()]
+    if prompts is None:
+        return texts
+    return [(text, decode_as_original(tokenizer, ids, row[width:].tolist(), prompt, eos, config.stop))
+            for text, ids, row, prompt in zip(texts, prompt_ids, out.cpu(), prompts, strict=True)]
 
 
 def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
              progress: bool = False) -> Iterator[list[tuple[int, str]]]:
-    """Yield `[(index into prompts, generation), ...]` one batch at a time, longest prompts first."""
+    """Yield `[(index into prompts, generation), ...]` one batch at a time, longest prompts first; with
+    `config.original_view` each generation is a `(generation, generation_original)` pair."""
     from tqdm.auto import tqdm
 
     encoded = encode_prompts(tokenizer, prompts, config.max_prompt_tokens, config.add_special_tokens)
@@ -155,7 +186,8 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
         with tqdm(total=len(order), desc="generating", unit="item", disable=not progress) as bar:
             for start in range(0, len(order), config.batch_size):
                 batch = order[start:start + config.batch_size]
-                texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], config)
+                extra = {"prompts": [prompts[i] for i in batch]} if config.original_view else {}
+                texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], config, **extra)
                 bar.update(len(batch))
                 yield list(zip(batch, texts))
     finally:
@@ -250,7 +282,9 @@ def generate_predictions(model, tokenizer, items: Sequence[dict], path: str | os
         path.parent.mkdir(parents=True, exist_ok=True)
         for batch in generate(model, tokenizer, [item["prompt"] for item in todo], config, progress=progress):
             rows = [{**{f: todo[i].get(f) for f in PREDICTION_FIELDS if f != "generation"},
-                     "id": str(todo[i]["id"]), "generation": text} for i, text in batch]
+                     "id": str(todo[i]["id"]),
+                     **({"generation": text[0], "generation_original": text[1]} if config.original_view
+                        else {"generation": text})} for i, text in batch]
             append_predictions(path, rows)
             done.update((r["id"], r) for r in rows)
     wanted = set(ids)

@@ -82,8 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written programs (code tasks; sandboxed, but not a security boundary)")
     p.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per program (3, as the original)")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model dtype, the one it runs in (no autocast): float32 as the original [float32]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--lorahub-budget", type=int, default=40, help="LoRA-Hub: loss evaluations (40)")
     p.add_argument("--lorahub-examples", type=int, help="LoRA-Hub: use the first N training examples (default all)")
@@ -188,10 +188,14 @@ def _device_dtype(args):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    return device, dtype
+    return device, args.dtype
+
+
+def base_dtype(model) -> str:
+    """The dtype the base weights are in ("float32", ...): with no autocast, the dtype the model runs in."""
+    from loraflow.fusion.model import is_gate_parameter
+
+    return next(str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if not is_gate_parameter(n))
 
 
 def load_model(args, plan: dict, device: str, dtype: str):
@@ -269,7 +273,8 @@ def run(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     system_prompts = load_system_prompts(args.data_root) if args.data_root else {}
     prompts = [build_prompt(task, r, language, args.prompt_style, system_prompts, tokenizer) for r in records]
-    decode = DecodeConfig(**{**asdict(decode), "add_special_tokens": not prompt_has_bos(tokenizer, prompts[0])})
+    decode = DecodeConfig(**{**asdict(decode), "add_special_tokens": not prompt_has_bos(tokenizer, prompts[0]),
+                             "original_view": args.prompt_style == "faithful"})
     device, dtype = _device_dtype(args)
 
     out = run_dir(args.out_dir, task, language, name)
@@ -294,6 +299,9 @@ def run(args) -> int:
         f"-> {predictions}")
     if todo:
         model = load_model(args, plan, device, dtype)
+        ran = base_dtype(model)
+        if ran != dtype:
+            raise LoraflowError(f"asked for --dtype {dtype}, but the loaded model's weights are {ran}")
         if args.method == "average":
             config["static_weights"] = [1.0 / model.k] * model.k
         elif args.method == "lorahub":

