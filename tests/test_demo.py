@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,17 +94,46 @@ def test_demo_config_refuses_bad_values():
 # ---------------------------------------------------------------------------------------------- the small demo
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    assets = out.parent / "assets"
-    assert main(["demo", "--size", "small", "--out", str(out), "--assets", str(assets)]) == 0
-    return out, assets
+    """`DEMO_SIZE=small bash scripts/demo.sh` in a fresh git repository holding this checkout's files (tracked
+    and untracked, not ignored), with this interpreter (SETUP=0: no venv); returns (clone, its output folder)."""
+    clone = tmp_path_factory.mktemp("demo") / "clone"
+    files = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    _git(clone, "init", "-q")
+    _git(clone, "add", "-A")
+    _git(clone, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "snapshot")
+    env = {**os.environ, "SETUP": "0", "PYTHON": sys.executable, "DEMO_SIZE": "small", "PYTHONPATH": ""}
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return clone, clone / "outputs" / "demo-small", proc
 
 
 @pytest.mark.slow
-def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
-    out, assets = small_demo
+def test_small_demo_leaves_the_checkout_clean(small_demo):
+    """The run writes under its output folder (ignored by git) only: no tracked file changes, nothing new."""
+    clone, out, _ = small_demo
+    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
+    assert (out / "report" / "gate_heatmap.png").is_file()  # the heatmap was drawn, into the output folder
+
+
+@pytest.mark.slow
+def test_small_demo_end_to_end_table_and_files(small_demo):
+    _, out, proc = small_demo
+    assert "OMP_NUM_THREADS=1 " in proc.stderr  # demo.sh's default
     table = (out / "report" / "table.md").read_text().splitlines()
     assert table[0].startswith("| Method | Composite: L math (acc.) | English math (acc.)")
     assert len(table) == 2 + len(METHODS)
@@ -117,8 +150,7 @@ def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
             scored = (out / f"eval_{method}" / lang / "predictions.scored.jsonl").read_text().splitlines()
             n = 16 if lang == "xx" else 8
             assert len(scored) == n and all("correct" in json.loads(s) for s in scored)
-    for png in (out / "report" / "gate_heatmap.png", out / "report" / "gate_layers.png",
-                assets / "demo_gate_heatmap.png"):
+    for png in (out / "report" / "gate_heatmap.png", out / "report" / "gate_layers.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gate = json.loads((out / "gate" / "gate.json").read_text())
     assert gate["lora_names"] == list(LORA_NAMES)
@@ -130,13 +162,19 @@ def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
 
 
 @pytest.mark.slow
-def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys):
-    out, _ = small_demo
+def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys, monkeypatch, tmp_path):
+    """A rerun in-process, with another OMP_NUM_THREADS: every stage is cached, the table is the same; and
+    --update-assets is the one way to write the heatmap outside the output folder."""
+    _, out, _ = small_demo
     before = (out / "report" / "table.md").read_text()
-    assert main(["demo", "--size", "small", "--out", str(out), "--no-plots"]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert main(["demo", "--size", "small", "--out", str(out), "--update-assets", str(tmp_path / "assets")]) == 0
+    assert torch.get_num_threads() == 1  # the demo fixed its own thread count
     printed = capsys.readouterr().out
     assert printed.count("done already") == 6 + len(METHODS)
     assert (out / "report" / "table.md").read_text() == before
+    asset = tmp_path / "assets" / "demo_gate_heatmap.png"
+    assert asset.read_bytes() == (out / "report" / "gate_heatmap.png").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------------- plots
