@@ -244,3 +244,45 @@ def test_heatmap_refuses_mismatched_labels(tmp_path):
 
     with pytest.raises(LoraflowError, match="3 tokens"):
         gate_heatmap(torch.rand(2, 4, 2), ["a", "b", "c"], ["x", "y"], tmp_path / "h.png")
+
+
+# ------------------------------------------------------------------------------------- scripts/eval.sh on the demo
+
+
+def _eval_sh(clone: Path, out: Path, tmp_path: Path, method: str = "flow", **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_MODEL": str(out / "base"), "LORA_ROOT": str(out),
+           "LANG_LORA": "lang_lora", "TASK_LORA": "task_lora", "DATA_ROOT": str(out / "data"),
+           "OUT_DIR": str(tmp_path / "eval"), "PROMPT_STYLE": "chat-template", "MAX_NEW_TOKENS": "40",
+           "LIMIT": "4", "METHOD": method, **env}
+    gate = str(out / "gate" / "gate.safetensors") if method == "flow" else "-"
+    return subprocess.run(["bash", str(clone / "scripts" / "eval.sh"), "0", "0", "xx", "math", gate], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_sh_evaluates_the_small_demos_gate(small_demo, tmp_path):
+    """The README's command: the demo's own gate, base and LoRAs (names under LORA_ROOT) through scripts/eval.sh."""
+    clone, out, _ = small_demo
+    proc = _eval_sh(clone, out, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"--lang-lora {out / 'lang_lora'} --task-lora {out / 'task_lora'}" in proc.stderr
+    results = json.loads((tmp_path / "eval" / "mgsm_xx" / "flow" / "results.json").read_text())
+    assert results["counts"]["scored"] == 4 and 0 <= results["metrics"]["accuracy"] <= 1
+    assert results["config"]["loras"] == [str(out / "lang_lora"), str(out / "task_lora")]
+
+
+@pytest.mark.slow
+def test_eval_sh_renamed_loras_need_no_check_lora_names(small_demo, tmp_path):
+    """Copies under other names (LANG_LORA / TASK_LORA as paths): the gate names lang_lora, task_lora, so loading
+    it is refused with a one-line error, unless CHECK_LORA_NAMES=0 (`--no-check-lora-names`)."""
+    clone, out, _ = small_demo
+    for src, dst in (("lang_lora", "xx_lora"), ("task_lora", "math_lora")):
+        shutil.copytree(out / src, tmp_path / "copies" / dst)
+    paths = {"LANG_LORA": str(tmp_path / "copies" / "xx_lora"), "TASK_LORA": str(tmp_path / "copies" / "math_lora")}
+    refused = _eval_sh(clone, out, tmp_path, **paths)
+    assert refused.returncode == 2
+    assert "trained on LoRAs ['lang_lora', 'task_lora']" in refused.stderr.strip().splitlines()[-1]
+    proc = _eval_sh(clone, out, tmp_path, CHECK_LORA_NAMES="0", **paths)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--no-check-lora-names" in proc.stderr
+    assert (tmp_path / "eval" / "mgsm_xx" / "flow" / "results.json").is_file()
