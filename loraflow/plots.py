@@ -177,6 +177,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=200, help="average the bars over at most this many items")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, help="gate temperature (default: the gate file's)")
+    p.add_argument("--no-check-lora-names", dest="check_lora_names", action="store_false",
+                   help="load a gate whose gate.json names other LoRAs (same count and shapes, e.g. renamed copies)")
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     p.add_argument("--out", default="plots", help="output folder (gate_heatmap.png, gate_layers.png)")
 
@@ -190,7 +192,7 @@ def run(args) -> int:
     _pyplot()  # fail before loading a model when matplotlib is missing
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     flow = FlowModel.from_pretrained(args.base, loras=args.loras, gate=args.gate, temperature=args.temperature,
-                                     device=device)
+                                     device=device, check_lora_names=args.check_lora_names)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
     out = Path(args.out)
     if args.prompt is not None:

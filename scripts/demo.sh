@@ -8,8 +8,12 @@
 # Variables (defaults in brackets):
 #   DEMO_SIZE [full]   full (about 15 minutes on 2 CPU cores) or small (the CI-sized run: a minute or two)
 #   OUT       [outputs/demo, outputs/demo-small]   where every stage is cached; a rerun skips finished stages
-#   VENV, PYTHON, TORCH_SPEC, TORCH_INDEX_URL: see scripts/setup_env.sh (the CPU torch wheel when no GPU is seen)
-#   OMP_NUM_THREADS    torch threads; on a machine shared with other jobs, 1 can be several times faster
+#   VENV, PYTHON, TORCH_SPEC, TORCH_INDEX_URL, PINNED: see scripts/setup_env.sh (the CPU torch wheel when no GPU
+#                      is seen; an unreachable index is skipped after a few seconds)
+#   SETUP     [1]      0: skip scripts/setup_env.sh and run with $PYTHON [python3] as it is
+#   OMP_NUM_THREADS [1]  threads of anything outside torch; the demo itself always runs torch on 1 thread, so the
+#                      numbers do not depend on it (a different thread count rounds differently)
+# The run writes under $OUT only. `--update-assets` also copies the gate heatmap to assets/ (refreshing the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE="${DEMO_SIZE:-full}"
@@ -19,12 +23,17 @@ OUT="${OUT:-outputs/demo$([ "$SIZE" = full ] || echo "-$SIZE")}"
 if [ -z "${TORCH_INDEX_URL+x}" ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
   export TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 fi
-echo "[demo] setting up the environment (scripts/setup_env.sh demo)" >&2
-PY="$(bash scripts/setup_env.sh demo | tail -n 1)"
+if [ "${SETUP:-1}" = 0 ]; then
+  PY="${PYTHON:-python3}"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's loraflow, installed or not
+else
+  echo "[demo] setting up the environment (scripts/setup_env.sh demo)" >&2
+  PY="$(bash scripts/setup_env.sh demo | tail -n 1)"
+fi
+# one thread unless the user chose: on a machine shared with other jobs, torch's default can be several times slower
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ASSETS=()
-if [ "$SIZE" = full ]; then ASSETS=(--assets assets); fi
-echo "+ $PY -m loraflow.cli demo --size $SIZE --out $OUT ${ASSETS[*]} $*" >&2
+echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $PY -m loraflow.cli demo --size $SIZE --out $OUT $*" >&2
 start=$(date +%s)
-"$PY" -m loraflow.cli demo --size "$SIZE" --out "$OUT" "${ASSETS[@]}" "$@"
+"$PY" -m loraflow.cli demo --size "$SIZE" --out "$OUT" "$@"
 echo "[demo] finished in $(( $(date +%s) - start )) s (load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a))" >&2

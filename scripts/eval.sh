@@ -18,6 +18,8 @@
 #   BATCH_SIZE [8]  MAX_NEW_TOKENS [512]  MAX_PROMPT_TOKENS [2048]: longer prompts keep their end  LIMIT [all]
 #   TEMPERATURE [1.1 for zh and ru math, else 1.0]  gate temperature (flow only)
 #   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
+#   LANG_LORA [<language>_lora]  TASK_LORA [<math|code>_lora]: the two LoRAs, each a path or a name under LORA_ROOT
+#   CHECK_LORA_NAMES [1]: 0 loads a gate whose gate.json names other LoRAs (--no-check-lora-names)
 #   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
 #   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder
 #   DTYPE [float32]: the model dtype, as the original (bfloat16: about half the memory, a few greedy outputs change)
@@ -42,6 +44,9 @@ MAX_PROMPT_TOKENS="${MAX_PROMPT_TOKENS:-2048}"
 TEMPERATURE="${TEMPERATURE:-}"
 BASE_MODEL="${BASE_MODEL:-meta-llama/Llama-2-7b-hf}"
 LORA_ROOT="${LORA_ROOT:-checkpoints/LoRAs}"
+LANG_LORA="${LANG_LORA:-}"
+TASK_LORA="${TASK_LORA:-}"
+CHECK_LORA_NAMES="${CHECK_LORA_NAMES:-1}"
 DATA_ROOT="${DATA_ROOT:-data}"
 OUT_DIR="${OUT_DIR:-outputs/eval}"
 LIMIT="${LIMIT:-}"
@@ -52,6 +57,8 @@ NAME="${NAME:-}"
 DTYPE="${DTYPE:-float32}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 export CUDA_VISIBLE_DEVICES="$GPU_ID"
+# a LoRA is a path when it contains a slash or exists as given, else a name under LORA_ROOT
+lora_path() { case "$1" in */*) echo "$1";; *) if [ -e "$1" ]; then echo "$1"; else echo "$LORA_ROOT/$1"; fi;; esac; }
 
 : "$PORT"  # unused (see above)
 
@@ -59,9 +66,12 @@ cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --spli
      --base "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
      --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
      --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE" --dtype "$DTYPE")
+if [ -n "$LANG_LORA" ]; then cmd+=(--lang-lora "$(lora_path "$LANG_LORA")"); fi
+if [ -n "$TASK_LORA" ]; then cmd+=(--task-lora "$(lora_path "$TASK_LORA")"); fi
 if [ "$METHOD" = flow ]; then
   cmd+=(--gate "$GATE_PATH")
   if [ -n "$TEMPERATURE" ]; then cmd+=(--temperature "$TEMPERATURE"); fi
+  if [ "$CHECK_LORA_NAMES" = 0 ]; then cmd+=(--no-check-lora-names); fi
 fi
 if [ "$METHOD" = lorahub ]; then
   cmd+=(--lorahub-budget "$LORAHUB_BUDGET")

@@ -9,7 +9,8 @@
 #   PYTHON       [python3]          interpreter used to create it
 #   TORCH_SPEC   [auto]             the torch requirement. auto = `torch` (a CUDA build) when `nvidia-smi` sees a
 #                                   GPU, else `torch==2.13.0` (the CPU build this project is tested with)
-#   TORCH_INDEX_URL [unset]         extra index for torch, e.g. https://download.pytorch.org/whl/cpu
+#   TORCH_INDEX_URL [unset]         extra index for torch, e.g. https://download.pytorch.org/whl/cpu. Probed first
+#                                   (5 s, no retries): when it cannot be reached, torch comes from the default index
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
@@ -27,8 +28,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if [ "$spec" = auto ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then spec="torch"; else spec="torch==2.13.0"; fi
   fi
-  echo "[setup] installing $spec" >&2
-  "$PY" -m pip install -q ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$spec" >&2
+  index="${TORCH_INDEX_URL:-}"
+  # pip retries an unreachable index for minutes; one short probe decides instead
+  if [ -n "$index" ] && ! "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5).close()' "$index" 2>/dev/null; then
+    echo "[setup] warning: $index cannot be reached (5 s); installing torch from the default index" >&2
+    index=""
+  fi
+  echo "[setup] installing $spec${index:+ (extra index $index)}" >&2
+  "$PY" -m pip install -q ${index:+--extra-index-url "$index" --timeout 15 --retries 0} "$spec" >&2
 fi
 
 if ! "$PY" -c "import loraflow" 2>/dev/null || [ pyproject.toml -nt "$VENV/.loraflow-installed-$EXTRAS" ]; then

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,17 +94,46 @@ def test_demo_config_refuses_bad_values():
 # ---------------------------------------------------------------------------------------------- the small demo
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    assets = out.parent / "assets"
-    assert main(["demo", "--size", "small", "--out", str(out), "--assets", str(assets)]) == 0
-    return out, assets
+    """`DEMO_SIZE=small bash scripts/demo.sh` in a fresh git repository holding this checkout's files (tracked
+    and untracked, not ignored), with this interpreter (SETUP=0: no venv); returns (clone, its output folder)."""
+    clone = tmp_path_factory.mktemp("demo") / "clone"
+    files = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    _git(clone, "init", "-q")
+    _git(clone, "add", "-A")
+    _git(clone, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "snapshot")
+    env = {**os.environ, "SETUP": "0", "PYTHON": sys.executable, "DEMO_SIZE": "small", "PYTHONPATH": ""}
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return clone, clone / "outputs" / "demo-small", proc
 
 
 @pytest.mark.slow
-def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
-    out, assets = small_demo
+def test_small_demo_leaves_the_checkout_clean(small_demo):
+    """The run writes under its output folder (ignored by git) only: no tracked file changes, nothing new."""
+    clone, out, _ = small_demo
+    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
+    assert (out / "report" / "gate_heatmap.png").is_file()  # the heatmap was drawn, into the output folder
+
+
+@pytest.mark.slow
+def test_small_demo_end_to_end_table_and_files(small_demo):
+    _, out, proc = small_demo
+    assert "OMP_NUM_THREADS=1 " in proc.stderr  # demo.sh's default
     table = (out / "report" / "table.md").read_text().splitlines()
     assert table[0].startswith("| Method | Composite: L math (acc.) | English math (acc.)")
     assert len(table) == 2 + len(METHODS)
@@ -117,8 +150,7 @@ def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
             scored = (out / f"eval_{method}" / lang / "predictions.scored.jsonl").read_text().splitlines()
             n = 16 if lang == "xx" else 8
             assert len(scored) == n and all("correct" in json.loads(s) for s in scored)
-    for png in (out / "report" / "gate_heatmap.png", out / "report" / "gate_layers.png",
-                assets / "demo_gate_heatmap.png"):
+    for png in (out / "report" / "gate_heatmap.png", out / "report" / "gate_layers.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gate = json.loads((out / "gate" / "gate.json").read_text())
     assert gate["lora_names"] == list(LORA_NAMES)
@@ -130,13 +162,19 @@ def test_small_demo_end_to_end_table_and_files(small_demo, capsys):
 
 
 @pytest.mark.slow
-def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys):
-    out, _ = small_demo
+def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys, monkeypatch, tmp_path):
+    """A rerun in-process, with another OMP_NUM_THREADS: every stage is cached, the table is the same; and
+    --update-assets is the one way to write the heatmap outside the output folder."""
+    _, out, _ = small_demo
     before = (out / "report" / "table.md").read_text()
-    assert main(["demo", "--size", "small", "--out", str(out), "--no-plots"]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert main(["demo", "--size", "small", "--out", str(out), "--update-assets", str(tmp_path / "assets")]) == 0
+    assert torch.get_num_threads() == 1  # the demo fixed its own thread count
     printed = capsys.readouterr().out
     assert printed.count("done already") == 6 + len(METHODS)
     assert (out / "report" / "table.md").read_text() == before
+    asset = tmp_path / "assets" / "demo_gate_heatmap.png"
+    assert asset.read_bytes() == (out / "report" / "gate_heatmap.png").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------------- plots
@@ -206,3 +244,45 @@ def test_heatmap_refuses_mismatched_labels(tmp_path):
 
     with pytest.raises(LoraflowError, match="3 tokens"):
         gate_heatmap(torch.rand(2, 4, 2), ["a", "b", "c"], ["x", "y"], tmp_path / "h.png")
+
+
+# ------------------------------------------------------------------------------------- scripts/eval.sh on the demo
+
+
+def _eval_sh(clone: Path, out: Path, tmp_path: Path, method: str = "flow", **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_MODEL": str(out / "base"), "LORA_ROOT": str(out),
+           "LANG_LORA": "lang_lora", "TASK_LORA": "task_lora", "DATA_ROOT": str(out / "data"),
+           "OUT_DIR": str(tmp_path / "eval"), "PROMPT_STYLE": "chat-template", "MAX_NEW_TOKENS": "40",
+           "LIMIT": "4", "METHOD": method, **env}
+    gate = str(out / "gate" / "gate.safetensors") if method == "flow" else "-"
+    return subprocess.run(["bash", str(clone / "scripts" / "eval.sh"), "0", "0", "xx", "math", gate], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_sh_evaluates_the_small_demos_gate(small_demo, tmp_path):
+    """The README's command: the demo's own gate, base and LoRAs (names under LORA_ROOT) through scripts/eval.sh."""
+    clone, out, _ = small_demo
+    proc = _eval_sh(clone, out, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"--lang-lora {out / 'lang_lora'} --task-lora {out / 'task_lora'}" in proc.stderr
+    results = json.loads((tmp_path / "eval" / "mgsm_xx" / "flow" / "results.json").read_text())
+    assert results["counts"]["scored"] == 4 and 0 <= results["metrics"]["accuracy"] <= 1
+    assert results["config"]["loras"] == [str(out / "lang_lora"), str(out / "task_lora")]
+
+
+@pytest.mark.slow
+def test_eval_sh_renamed_loras_need_no_check_lora_names(small_demo, tmp_path):
+    """Copies under other names (LANG_LORA / TASK_LORA as paths): the gate names lang_lora, task_lora, so loading
+    it is refused with a one-line error, unless CHECK_LORA_NAMES=0 (`--no-check-lora-names`)."""
+    clone, out, _ = small_demo
+    for src, dst in (("lang_lora", "xx_lora"), ("task_lora", "math_lora")):
+        shutil.copytree(out / src, tmp_path / "copies" / dst)
+    paths = {"LANG_LORA": str(tmp_path / "copies" / "xx_lora"), "TASK_LORA": str(tmp_path / "copies" / "math_lora")}
+    refused = _eval_sh(clone, out, tmp_path, **paths)
+    assert refused.returncode == 2
+    assert "trained on LoRAs ['lang_lora', 'task_lora']" in refused.stderr.strip().splitlines()[-1]
+    proc = _eval_sh(clone, out, tmp_path, CHECK_LORA_NAMES="0", **paths)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--no-check-lora-names" in proc.stderr
+    assert (tmp_path / "eval" / "mgsm_xx" / "flow" / "results.json").is_file()

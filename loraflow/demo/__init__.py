@@ -25,13 +25,32 @@ def add_arguments(p) -> None:
     p.add_argument("--size", default="full", choices=sorted(SIZES), help="full (the README's numbers) or small (CI)")
     p.add_argument("--out", default=None, help="output folder [outputs/demo, or outputs/demo-small for --size small]")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the data order [0]")
-    p.add_argument("--assets", default=None, help="also copy the gate heatmap to ASSETS/demo_gate_heatmap.png")
+    p.add_argument("--update-assets", nargs="?", const="assets", default=None, metavar="DIR",
+                   help="also copy the gate heatmap to DIR/demo_gate_heatmap.png [assets]: only when refreshing the "
+                        "README; without it the run writes under --out only")
     p.add_argument("--no-plots", action="store_true", help="skip the gate-weight plots (no matplotlib needed)")
+
+
+THREADS = 1  # the demo's CPU thread count: fixed, so the numbers do not depend on the machine's OMP_NUM_THREADS
+
+
+def fix_threads(n: int = THREADS) -> None:
+    """Run torch's CPU kernels on `n` threads whatever OMP_NUM_THREADS says: a different thread count splits the
+    matmul reductions differently, the rounding changes, and training amplifies it into a different table."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(n)
+    # only settable before the first parallel work; the intra-op count is what rounds
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(n)
 
 
 def run(args) -> int:
     import warnings
 
+    fix_threads()
     # raised inside transformers/peft on every LoRA model; nothing a demo user can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     cfg = DemoConfig.of_size(args.size, seed=args.seed)
@@ -40,5 +59,5 @@ def run(args) -> int:
         from loraflow.plots import _pyplot
 
         _pyplot()  # fail now, not after the training, when matplotlib is missing
-    run_pipeline(cfg, out, assets=Path(args.assets) if args.assets else None, plots=not args.no_plots)
+    run_pipeline(cfg, out, assets=Path(args.update_assets) if args.update_assets else None, plots=not args.no_plots)
     return 0

@@ -40,7 +40,7 @@ from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 # Bump a stage's version when its code changes what it produces: that stage and everything after it is redone.
-STAGE_VERSIONS = {"data": 6, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
+STAGE_VERSIONS = {"data": 7, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
 METHOD_LABELS = {"base": "Base model", "lang": "Single LoRA: language", "task": "Single LoRA: task",
                  "average": "Fusion: average", "lorahub": "Fusion: LoRA-Hub", "flow": "Fusion: LoRA-Flow"}
 LORA_NAMES = ("lang_lora", "task_lora")  # fusion order as in the paper: language LoRA index 0, task LoRA index 1
@@ -178,6 +178,9 @@ def make_data(cfg: DemoConfig, out: Path) -> dict:
     for lang, rows in (("xx", test), ("en", english_test)):
         _write_jsonl(out / "test" / f"{lang}_math_test.jsonl",
                      [{"question": r["prompt"], "answer": str(r["answer"]), "response": r["response"]} for r in rows])
+    # for `loraflow eval` / scripts/eval.sh on these files (DATA_ROOT=outputs/demo/data); the demo's chat template
+    # has no system turn, so the prompt is the same as the demo's own
+    atomic_write_json(out / "system_prompts.json", {f"{lang}_math": "Solve the word problem." for lang in LANGUAGES})
     atomic_write_json(out / "world.json", {"seed": cfg.seed, "lexicon": world.lexicon,
                                            "answer_phrase": world.answer_phrase})
     world_tokenizer(world.vocabulary()).save_pretrained(str(out / "tokenizer"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from loraflow.files import read_jsonl
+from loraflow.files import atomic_path, read_jsonl
 
 BAR_ITEMS = 100  # the per-layer bars average over this many composite test answers
 
@@ -13,7 +13,8 @@ BAR_ITEMS = 100  # the per-layer bars average over this many composite test answ
 def write_plots(cfg, out: Path, base: Path, loras: list[Path], gate: Path,
                 assets: Path | None = None) -> tuple[dict[str, Path], dict]:
     """gate_heatmap.png (one correctly answered composite test item) and gate_layers.png (per-layer means) in
-    `out/report/`; the heatmap is also copied to `assets/demo_gate_heatmap.png` when `assets` is given.
+    `out/report/`; the heatmap is also copied to `assets/demo_gate_heatmap.png` when `assets` is given (`loraflow demo
+    --update-assets`, used when refreshing the README; otherwise the demo writes under its output folder only).
     Returns (files, facts for results.json)."""
     from loraflow.demo.methods import load_flow, load_tokenizer
     from loraflow.plots import gate_heatmap, layer_bars, mean_layer_weights, record_teacher_forced
@@ -35,7 +36,8 @@ def write_plots(cfg, out: Path, base: Path, loras: list[Path], gate: Path,
     files = {"heatmap": heatmap, "layer_bars": bars}
     if assets is not None:
         assets.mkdir(parents=True, exist_ok=True)
-        shutil.copy(heatmap, assets / "demo_gate_heatmap.png")
+        with atomic_path(assets / "demo_gate_heatmap.png") as tmp:
+            shutil.copy(heatmap, tmp)
         files["asset"] = assets / "demo_gate_heatmap.png"
     facts = {
         "heatmap_item": {"id": shown["id"], "prompt": shown["prompt"], "generation": shown["generation"],

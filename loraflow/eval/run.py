@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="also stop a row at this text (repeatable; default: only EOS, as the original)")
     p.add_argument("--temperature", type=float, help="gate temperature for flow (default 1.1 zh/ru math, else 1.0)")
+    p.add_argument("--no-check-lora-names", dest="check_lora_names", action="store_false",
+                   help="load a gate whose gate.json names other LoRAs (same count and shapes, e.g. renamed copies)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="faithful",
                    help="faithful: the original [INST] prompts; chat-template: the tokenizer's chat template")
     p.add_argument("--allow-code-execution", action="store_true",
@@ -214,7 +216,8 @@ def load_model(args, plan: dict, device: str, dtype: str):
         "lang": {"mode": "single", "lora": 0}, "task": {"mode": "single", "lora": 0},
         "average": {"mode": "static", "static_weights": [1.0 / k] * k},
         "lorahub": {"mode": "static", "static_weights": [1.0 / k] * k},  # replaced by the searched weights
-        "flow": {"mode": "flow", "gate": args.gate, "temperature": plan["temperature"]},
+        "flow": {"mode": "flow", "gate": args.gate, "temperature": plan["temperature"],
+                 "check_lora_names": args.check_lora_names},
     }[args.method]
     return FlowModel.from_pretrained(args.base, plan["loras"], torch_dtype=torch_dtype, device=device, **kwargs)
 
