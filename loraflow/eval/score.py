@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def run(args) -> int:
         scored, metrics, extra_counts = _score_math(args.task, predictions, data)
         sandbox = None
     else:
-        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data)
+        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data, data_path)
     ids = {row["id"] for _, row in predictions}
     counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
               "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
@@ -152,8 +153,8 @@ def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
     return scored, metrics, {"gold_not_numeric": no_gold}
 
 
-def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[str]]:
-    from .sandbox import run_many
+def _score_code(args, predictions, data, data_path) -> tuple[list[dict], dict, dict, list[str]]:
+    from .sandbox import PROTECTIONS, missing_protections, run_many
 
     programs, completions = [], []
     english = load_english_humaneval() if args.task == "humaneval" else None
@@ -168,7 +169,13 @@ def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[s
         else:
             programs.append(mbpp_program(item.get("test_setup_code", ""), completion, item["test_list"]))
         completions.append(completion)
-    outcomes = run_many(programs, args.timeout, args.workers, allow_code_execution=True)
+    # The predictions' folder, the data's and the data root are covered like the working directory and $HOME.
+    hide = [Path(args.predictions).resolve().parent]
+    if data_path and Path(data_path).is_file():
+        hide.append(Path(data_path).resolve().parent)
+    if getattr(args, "data_root", None) and Path(args.data_root).is_dir():
+        hide.append(Path(args.data_root).resolve())
+    outcomes = run_many(programs, args.timeout, args.workers, allow_code_execution=True, hide=hide)
     scored, per_id = [], defaultdict(list)
     for (_, row), completion, outcome in zip(predictions, completions, outcomes, strict=True):
         passed = outcome["status"] == "passed"
@@ -179,6 +186,10 @@ def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[s
                for k in PASS_AT if k <= fewest}
     timed_out = sum(o["status"] == "timed out" for o in outcomes)
     enforced = [m for m in outcomes[0]["isolation"] if all(m in o["isolation"] for o in outcomes)]
+    off = missing_protections(enforced)
+    if off:
+        print("sandbox: protections off on this machine (see the README's sandbox section):\n"
+              + "".join(f"  {m}: {PROTECTIONS[m]}\n" for m in off), end="", file=sys.stderr)
     return scored, metrics, {"samples_per_id_min": fewest, "timed_out": timed_out}, enforced
 
 
