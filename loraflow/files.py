@@ -1,7 +1,8 @@
 """Small file helpers shared by every module that reads user files or writes results.
 
 - atomic writes (temp file in the same folder, then `os.replace`), so a crash never leaves a half-written file
-  that looks complete;
+  that looks complete; the result gets the mode a plain `open(path, "w")` would give (0644 under umask 022), not
+  the temp file's private 0600 (`publish_mode`, also for staged folders);
 - JSONL reading with `file:line` in every error;
 - checkpoint loading that never unpickles arbitrary objects.
 """
@@ -13,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +25,33 @@ if TYPE_CHECKING:  # torch is imported where tensors are loaded, so data-only co
     import torch
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else by setting
+    and restoring it under a lock (os.umask is the only portable way to read it)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
+
+
+def publish_mode(path: str | os.PathLike) -> None:
+    """Give a file or folder made by `tempfile` (always 0600 / 0700) the mode that creating it directly would have:
+    0666 (files) or 0777 (folders) less the umask. Called by every atomic writer just before the rename."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is renamed onto `path`, on error it is removed."""
+    """Yield a temporary path next to `path`; on success it is renamed onto `path` (with the umask's mode, see
+    `publish_mode`), on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -132,3 +132,42 @@ def test_code_dev(tmp_path, loraflow_data):
     assert scored[1]["detail"].startswith("failed: IndexError") and results["counts"]["no_blank_line"] == 1
     # 20 lines but 19 ids: task 599 appears twice in the es file (a duplicate record)
     assert results["counts"]["items"] == 19 and results["counts"]["missing_ids"] == 17
+
+
+def test_code_programs_cannot_read_the_predictions_or_the_data(tmp_path, loraflow_data, capsys, monkeypatch):
+    """`loraflow score` covers the predictions' folder and the data's: a right solution that first checks that it
+    cannot see either passes only if both are hidden (where the machine has mount namespaces)."""
+    import functools
+
+    from loraflow.eval.sandbox import runner as sandbox
+
+    # programs keep the evaluator's uid here, so that only hiding (not uid 65534's permissions) can pass the probe
+    monkeypatch.setattr(sandbox, "SandboxLimits", functools.partial(sandbox.SandboxLimits, run_as=None))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data = data_dir / "es_code_dev.jsonl"
+    data.write_text((loraflow_data / "dev" / "es_code_dev.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    item = json.loads(data.read_text(encoding="utf-8").splitlines()[0])
+    preds = tmp_path / "run" / "p.jsonl"
+    preds.parent.mkdir()
+    probe = "\n".join(f"assert not os.path.exists({str(p)!r})" for p in (preds, data))
+    # the text before the blank line, then the program: what both the faithful (split("\n\n")[1]) and the strict
+    # completion cut keep
+    generation = f"Here is the program:\n\nimport os\n{probe}\n{item['code']}"
+    write_predictions(preds, [{"id": item["task_id"], "generation": generation}])
+    assert main(["score", "--task", "code-dev", "--predictions", str(preds), "--data", str(data),
+                 "--allow-code-execution", "--workers", "1"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    if "hidden-files" not in results["config"]["sandbox"]:
+        assert "hidden-files:" in capsys.readouterr().err  # says which protection is off
+        pytest.skip("no mount namespace here: programs can read the user's files (documented)")
+    assert results["metrics"] == {"pass@1": 1.0, "pass@1_strict": 1.0}, read_lines(tmp_path / "run" / "p.scored.jsonl")
+
+
+def test_missing_protections_are_named():
+    from loraflow.eval.sandbox.runner import PROTECTIONS, missing_protections
+
+    everything = list(PROTECTIONS)
+    assert missing_protections(everything) == []
+    off = missing_protections([m for m in everything if m not in ("net", "hidden-files")])
+    assert off == ["net", "hidden-files"]

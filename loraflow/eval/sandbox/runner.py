@@ -66,12 +66,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loraflow.errors import LoraflowError
-from loraflow.eval.sandbox.forkserver import FORK_SERVER_SUPPORTED, ForkServer, get_fork_server
+from loraflow.eval.sandbox.forkserver import FORK_SERVER_SUPPORTED, ForkServer, ForkServerGone, get_fork_server
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 OPT_IN = (
     "running model-generated code needs an explicit opt-in: pass allow_code_execution=True "
-    "(CLI: --allow-code-execution). It runs untrusted programs; read loraflow/eval/sandbox.py's docstring for "
+    "(CLI: --allow-code-execution). It runs untrusted programs; read loraflow/eval/sandbox/runner.py's docstring for "
     "what the sandbox does and does not enforce, and prefer a throw-away container or VM."
 )
 
@@ -86,7 +86,8 @@ class SandboxLimits:
     max_processes: int = 64  # extra processes allowed (pids cgroup, or RLIMIT_NPROC headroom for non-root)
     open_files: int = 256  # RLIMIT_NOFILE
     grace: float = 1.0  # seconds after `timeout` before the evaluator kills the process group
-    isolate: bool = True  # namespaces, read-only filesystem, dropped capabilities, pids cgroup where permitted
+    isolate: bool = True  # namespaces, read-only filesystem, hidden files, dropped capabilities, pids cgroup
+    run_as: int | None = 65534  # the uid (and gid) programs run as when the evaluator is root; None: stay root
 
     def __post_init__(self):
         for name in ("memory_bytes", "file_bytes", "output_bytes", "max_processes", "open_files"):
@@ -94,6 +95,27 @@ class SandboxLimits:
                 raise LoraflowError(f"SandboxLimits.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.grace < 0:
             raise LoraflowError(f"SandboxLimits.grace must be >= 0, got {self.grace}")
+        if self.run_as is not None and (not isinstance(self.run_as, int) or self.run_as <= 0):
+            raise LoraflowError(f"SandboxLimits.run_as must be a uid > 0 or None, got {self.run_as!r}")
+
+
+# What `isolation` may list, and what is off without it (`loraflow score` prints the missing ones).
+PROTECTIONS = {
+    "net": "network access is not blocked",
+    "pid": "programs can see and signal the evaluator's processes",
+    "private-proc": "programs can read other processes' /proc entries",
+    "readonly-fs": "programs can write and delete files wherever the user can",
+    "hidden-files": "the working directory, $HOME and the predictions and data folders are visible to programs",
+    "no-capabilities": "programs keep the user's capabilities",
+    "unprivileged-uid": "programs run as root and can read every file",
+}
+
+
+def missing_protections(isolation) -> list[str]:
+    """The protections of `PROTECTIONS` that a run's `isolation` lacks; `unprivileged-uid` counts only as root
+    (otherwise the program already runs as the evaluator's own, unprivileged user)."""
+    wanted = [m for m in PROTECTIONS if m != "unprivileged-uid" or os.geteuid() == 0]
+    return [m for m in wanted if m not in isolation]
 
 
 def require_opt_in(allow_code_execution: bool) -> None:
@@ -102,26 +124,49 @@ def require_opt_in(allow_code_execution: bool) -> None:
 
 
 def run_sandboxed(program: str, timeout: float = 3.0, *, allow_code_execution: bool = False,
-                  limits: SandboxLimits | None = None, python: str | None = None, fork_server: bool = True) -> dict:
+                  limits: SandboxLimits | None = None, python: str | None = None, fork_server: bool = True,
+                  hide: tuple[str | os.PathLike, ...] | list = ()) -> dict:
     """Run one program; return `{"status": "passed"|"failed"|"timed out", "detail", "duration", ...}`.
 
     Extra keys: `returncode`, `pid` (also the process-group id), `isolation` (what was enforced), `stdout` and
-    `stderr` (their last 2,000 characters, the sentinel removed). With `fork_server` (the default, on Linux, for
+    `stderr` (their last 2,000 characters, the pass line removed). With `fork_server` (the default, on Linux, for
     this interpreter) the run's supervisor is forked from this process's `ForkServer` instead of started as a new
-    interpreter: the same isolation and limits, ~25 ms less per run.
+    interpreter: the same isolation and limits, ~25 ms less per run. A server that is gone (killed, crashed) is
+    replaced and the program rerun; after `SERVER_ATTEMPTS` losses it runs in a fresh interpreter, so a lost
+    server never decides a verdict. `hide`: folders (or files) to cover besides the evaluator's working directory
+    and $HOME, e.g. the predictions' and the data's folders.
     """
     require_opt_in(allow_code_execution)
     if not timeout > 0:
         raise LoraflowError(f"timeout must be > 0 seconds, got {timeout}")
     limits = limits or SandboxLimits()
-    nonce = secrets.token_hex(16)
+    use_server = fork_server and python is None and FORK_SERVER_SUPPORTED
+    for _ in range(SERVER_ATTEMPTS if use_server else 0):
+        try:
+            return _run_once(program, float(timeout), limits, python, get_fork_server(), hide)
+        except ForkServerGone:
+            continue  # get_fork_server() starts a new one
+    return _run_once(program, float(timeout), limits, python, None, hide)
+
+
+SERVER_ATTEMPTS = 3
+
+
+def _run_once(program: str, timeout: float, limits: SandboxLimits, python: str | None, server: ForkServer | None,
+              hide) -> dict:
+    """One run; raises ForkServerGone when `server` died before it could report the exit status."""
+    nonce, pass_line = secrets.token_hex(16), f"\n{secrets.token_hex(16)}:passed\n"
     tmpdir = tempfile.mkdtemp(prefix="loraflow-run-")
+    run_as = limits.run_as if limits.isolate and os.geteuid() == 0 else None
+    if run_as is not None:
+        os.chown(tmpdir, run_as, run_as)  # its own home and working directory, and nothing else it may write
     cgroup = _make_pids_cgroup(nonce, limits.max_processes + 2) if limits.isolate else None
-    config = {"nonce": nonce, "program": program, "timeout": float(timeout), "tmpdir": tmpdir, "cgroup": cgroup,
-              "parent_pid": os.getpid(), "isolate": limits.isolate, "cpu_seconds": int(timeout + limits.grace) + 1,
+    config = {"nonce": nonce, "pass_line": pass_line.encode(), "program": program, "timeout": timeout,
+              "tmpdir": tmpdir, "cgroup": cgroup, "parent_pid": os.getpid(), "isolate": limits.isolate,
+              "cpu_seconds": int(timeout + limits.grace) + 1, "uid": run_as,
               "site_packages": _site_packages() if python is None else [],
-              **{k: v for k, v in asdict(limits).items() if k not in ("grace", "isolate", "output_bytes")}}
-    server = get_fork_server() if fork_server and python is None and FORK_SERVER_SUPPORTED else None
+              "hide": _hidden_paths(hide) if limits.isolate else [], "keep": [*_kept_paths(python), tmpdir],
+              **{k: v for k, v in asdict(limits).items() if k not in ("grace", "isolate", "output_bytes", "run_as")}}
     if server is not None:
         config["parent_pid"], config["env"] = server.pid, _clean_env(tmpdir)
     start = time.monotonic()
@@ -148,7 +193,48 @@ def run_sandboxed(program: str, timeout: float = 3.0, *, allow_code_execution: b
         if cgroup:
             _remove_cgroup(cgroup)
         shutil.rmtree(tmpdir, onerror=_force_remove)
-    return _outcome(nonce, child.returncode, why, out, err, timeout, limits, time.monotonic() - start, child.pid)
+    if child.returncode is None:  # only a fork server's child: the server died before reporting the exit status
+        raise ForkServerGone("the sandbox's fork server was lost during the run")
+    return _outcome(nonce, pass_line, child.returncode, why, out, err, timeout, limits, time.monotonic() - start,
+                    child.pid)
+
+
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+               "/sys", "/usr", "/var")
+
+
+def _hidden_paths(extra) -> list[str]:
+    """What programs must not see: the evaluator's working directory, $HOME (and the user's home from passwd),
+    and `extra`; resolved, without system folders (covering / or /usr would break every program)."""
+    import pwd
+
+    candidates = [os.getcwd(), os.environ.get("HOME")]
+    with contextlib.suppress(KeyError):
+        candidates.append(pwd.getpwuid(os.getuid()).pw_dir)
+    paths = []
+    for path in [*candidates, *map(os.fspath, extra)]:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in SYSTEM_DIRS or real.startswith(("/proc/", "/sys/", "/dev/")) or real in paths:
+            continue
+        paths.append(real)
+    return paths
+
+
+@functools.cache
+def _kept_paths(python: str | None) -> list[str]:
+    """What stays visible under a hidden folder: the Python installation (prefixes, site-packages, the
+    interpreter's folder; for another `python`, its installation's root)."""
+    if python is not None:
+        return [os.path.dirname(os.path.dirname(os.path.realpath(python)))]
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *_site_packages(),
+             os.path.dirname(os.path.realpath(sys.executable))]
+    kept = []
+    for path in map(os.path.realpath, paths):
+        if os.path.isdir(path) and path not in kept:
+            kept.append(path)
+    return kept
 
 
 class _Child:
@@ -197,12 +283,12 @@ def _start(server: ForkServer | None, python: str | None, tmpdir: str, config_fd
 
 def run_many(programs: list[str], timeout: float = 3.0, workers: int | None = None, *,
              allow_code_execution: bool = False, limits: SandboxLimits | None = None,
-             python: str | None = None, fork_server: bool = True) -> list[dict]:
+             python: str | None = None, fork_server: bool = True, hide=()) -> list[dict]:
     """`run_sandboxed` over many programs with a thread pool (default: one worker per CPU); results in order."""
     require_opt_in(allow_code_execution)
     workers = workers or os.cpu_count() or 1
     run = functools.partial(run_sandboxed, timeout=timeout, allow_code_execution=True, limits=limits, python=python,
-                            fork_server=fork_server)
+                            fork_server=fork_server, hide=tuple(hide))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(run, programs))
 
@@ -369,15 +455,12 @@ def _force_remove(func, path, exc_info):
         func(path)
 
 
-def _outcome(nonce, returncode, why, out, err, timeout, limits, duration, pid) -> dict:
+def _outcome(nonce, pass_line, returncode, why, out, err, timeout, limits, duration, pid) -> dict:
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     reports = dict(line[len(nonce) + 1:].split(" ", 1) for line in stderr.splitlines()
                    if line.startswith(nonce + " ") and " " in line[len(nonce) + 1:])
-    passed = f"\n{nonce}:passed\n" in stdout
-    if returncode is None and why is None:  # the fork server died before it could report the exit status
-        status, detail = "failed", ("failed: the sandbox's fork server was lost during the run (died or stopped "
-                                    "answering; exit status unknown)")
-    elif why == "timeout":
+    passed = pass_line in stdout
+    if why == "timeout":
         status, detail = "timed out", f"timed out: still running after {timeout + limits.grace:g} s, killed"
     elif why == "output":
         status, detail = "failed", f"failed: output limit exceeded ({limits.output_bytes} bytes), killed"
@@ -394,7 +477,7 @@ def _outcome(nonce, returncode, why, out, err, timeout, limits, duration, pid) -
     stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith(nonce))
     return {"status": status, "detail": detail, "duration": round(duration, 4), "returncode": returncode,
             "pid": pid, "isolation": reports.get("isolation", "").split(",") if reports.get("isolation") else [],
-            "stdout": stdout.replace(f"\n{nonce}:passed\n", "")[-2000:], "stderr": stderr[-2000:]}
+            "stdout": stdout.replace(pass_line, "")[-2000:], "stderr": stderr[-2000:]}
 
 
 def _describe_exit(code: int) -> str:
