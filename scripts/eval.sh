@@ -23,6 +23,7 @@
 #   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
 #   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder
 #   DTYPE [float32]: the model dtype, as the original (bfloat16: about half the memory, a few greedy outputs change)
+#   VARIANT [faithful]: code test only: repaired = English signatures with the translated docstrings (own run folder)
 #   PYTHON [the repository's .venv/bin/python if it exists, else python3]
 # Code tasks execute the programs the model writes (sandboxed, not a security boundary): this script passes
 # --allow-code-execution for them and says so.
@@ -55,6 +56,7 @@ LORAHUB_EXAMPLES="${LORAHUB_EXAMPLES:-}"
 PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
 NAME="${NAME:-}"
 DTYPE="${DTYPE:-float32}"
+VARIANT="${VARIANT:-faithful}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 export CUDA_VISIBLE_DEVICES="$GPU_ID"
 # a LoRA is a path when it contains a slash or exists as given, else a name under LORA_ROOT
@@ -78,6 +80,7 @@ if [ "$METHOD" = lorahub ]; then
   if [ -n "$LORAHUB_EXAMPLES" ]; then cmd+=(--lorahub-examples "$LORAHUB_EXAMPLES"); fi
 fi
 if [ -n "$LIMIT" ]; then cmd+=(--limit "$LIMIT"); fi
+if [ "$VARIANT" != faithful ]; then cmd+=(--variant "$VARIANT"); fi
 if [ -n "$NAME" ]; then cmd+=(--name "$NAME"); fi
 if [ "$TASK" = code ]; then
   echo "[eval.sh] code task: the generated programs will be executed (loraflow's sandbox); passing --allow-code-execution" >&2

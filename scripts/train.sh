@@ -6,6 +6,12 @@
 #        (2 GPUs × 2 per device × FREQ 1 = total batch 4, the published zh-math setting)
 #   Extra flags go to `loraflow train` unchanged (see `loraflow train --help`), e.g. --resume or --limit 16.
 #
+# The original recipe by default: the CoT phrase 让我们一步一步地思考。 after [/INST] of every training example
+# (--no-cot-suffix drops it) and the best epoch chosen by the dev metric, scored as the original did (generation on
+# the dev set after each epoch, fp32; --select dev-loss is the cheap alternative, --select dev-metric-strict the
+# strict scoring). For code that runs the programs the model writes (loraflow's sandbox): this script passes
+# --allow-code-execution for code and says so. --schedule original: the original's step count (SPEC §2).
+#
 # Processes: one per id in CUDA_VISIBLE_DEVICES (every visible GPU when it is unset). Without a GPU (no nvidia-smi,
 # or a CPU-only torch): NPROC CPU processes with the gloo backend. Total batch = batch_per_device × processes × FREQ.
 #
@@ -66,6 +72,10 @@ else
 fi
 
 FLAGS=()
+if [ "$TASK" = code ]; then
+  echo "[train.sh] code: the dev metric runs the programs the model writes (loraflow's sandbox); passing --allow-code-execution" >&2
+  FLAGS+=(--allow-code-execution)
+fi
 [ "$GRAD_CKPT" = 1 ] && FLAGS+=(--grad-ckpt)
 [ "$FSDP" = 1 ] && FLAGS+=(--fsdp)
 

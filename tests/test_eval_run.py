@@ -249,3 +249,24 @@ def test_bad_input_fails_clearly_and_keeps_earlier_results(setup, tmp_path, monk
         assert (out / folder / "results.json").read_text() == '{"earlier": true}\n'
         assert (out / folder / "results.json").stat().st_mtime_ns == mtime
         assert not (out / folder / "predictions.jsonl").exists()
+
+
+def test_repaired_variant_is_a_run_of_its_own(setup, tmp_path):
+    """--variant repaired: the English signatures with the translated docstrings, its own run folder and results
+    (`variant` recorded); the model ran in fp32 (the default) and each line has the original's view of the text."""
+    from loraflow.eval.humaneval import load_english_humaneval
+
+    args = _args(setup, tmp_path, "--allow-code-execution", task="code", language="es", method="task", limit=3)
+    assert main(args + ["--variant", "repaired"]) == 0
+    folder = tmp_path / "humaneval_es" / "task-repaired"
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    english = load_english_humaneval()
+    row = next(r for r in rows if r["id"] == "HumanEval/2")
+    assert "def truncate_number(number: float) -> float:" in row["prompt"]  # es: `def truncar_numero(numero: ...`
+    assert all(isinstance(r["generation_original"], str) for r in rows)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["variant"] == "repaired" and results["config"]["dtype"] == "float32"
+    assert {"pass@1", "pass@1_strict"} <= set(results["metrics"])
+    assert "Dado un número de punto flotante" in row["prompt"] and "Given" not in row["prompt"]
+    assert english["HumanEval/2"]["entry_point"] == "truncate_number"
+    assert main(_args(setup, tmp_path, "--variant", "repaired")) == 2  # MGSM has no such variant

@@ -59,12 +59,14 @@ def test_batch_split_that_does_not_divide_is_refused():
     ({"language": "zh", "task": "math", "prompt_style": "alpaca"}, "prompt_style 'alpaca'"),
     ({"language": "zh/..", "task": "math"}, "language 'zh/..'"),
     ({"train_file": "x.jsonl", "lr": 1e-3, "total_batch": 4}, "give --loras"),
-    ({"language": "zh", "task": "code", "dev_metric": True}, "pass --allow-code-execution"),
-    ({"language": "zh", "task": "math", "dev_metric": True, "fsdp": True}, "does not work with --fsdp"),
-    ({"language": "zh", "task": "poetry", "lr": 1e-3, "total_batch": 4, "dev_metric": True},
+    ({"language": "zh", "task": "code", "select": "dev-metric"}, "pass --allow-code-execution"),
+    ({"language": "zh", "task": "math", "select": "dev-metric", "fsdp": True}, "does not work with --fsdp"),
+    ({"language": "zh", "task": "poetry", "lr": 1e-3, "total_batch": 4, "select": "dev-metric-strict"},
      "no dev benchmark for task 'poetry'"),
-    ({"train_file": "x.jsonl", "loras": ["a"], "lr": 1e-3, "total_batch": 4, "dev_metric": True},
-     "--dev-metric needs --language and --task"),
+    ({"train_file": "x.jsonl", "loras": ["a"], "lr": 1e-3, "total_batch": 4, "select": "dev-metric"},
+     "--select dev-metric needs --language and --task"),
+    ({"language": "zh", "task": "math", "select": "best"}, "select 'best'"),
+    ({"language": "zh", "task": "math", "schedule": "bmtrain"}, "schedule 'bmtrain'"),
     ({"language": "zh", "task": "math", "dev_max_new_tokens": 0}, "dev_max_new_tokens must be at least 1"),
 ])
 def test_invalid_config_raises(kwargs, message):
@@ -161,7 +163,11 @@ def test_defaults_and_optimizer_follow_the_original_recipe(world, tmp_path):
     cfg = TrainConfig(language="zh", task="math")
     assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, cfg.clip_grad) == (0.1, 0.9, 0.95, 1e-5, 1.0)
     assert (cfg.epochs, cfg.seed, cfg.max_len, cfg.lora_dropout, cfg.grad_accum) == (5, 0, 4096, True, 1)
-    assert (cfg.prompt_style, cfg.cot_suffix, cfg.grad_ckpt, cfg.fsdp) == ("llama2-chat", False, False, False)
+    assert (cfg.prompt_style, cfg.cot_suffix, cfg.grad_ckpt, cfg.fsdp) == ("llama2-chat", True, False, False)
+    # the epoch is chosen by the dev metric when the pair has dev data (the original), else by dev loss
+    assert TrainConfig(language="zh", task="math", data_root=str(world.data_root)).select == "dev-metric"
+    assert TrainConfig(language="zh", task="math", data_root=str(world.data_root), no_dev=True).select == "dev-loss"
+    assert TrainConfig(language="zh", task="math", data_root=str(tmp_path)).select == "dev-loss"
     train(world.config(tmp_path, max_steps=2))  # the world's config leaves every optimizer knob at its default
     state = torch.load(tmp_path / "zh_math" / "state" / "trainer.pt", weights_only=True)
     (group,) = state["optimizer"]["param_groups"]
@@ -208,13 +214,24 @@ def test_dev_metric_scores_every_epoch_with_the_eval_harness(world, tmp_path, mo
         return {**results, "metrics": {**results["metrics"], "accuracy": planted[len(calls) - 1]}}
 
     monkeypatch.setattr(eval_run, "score", score)
-    summary = train(world.config(tmp_path, dev_metric=True, dev_max_new_tokens=4, dev_batch_size=2))
+    from loraflow.eval import generate as gen
+
+    real_texts, seen = gen.generate_texts, []
+
+    def texts(flow, *args, **kwargs):
+        seen.append((flow.temperature, {p.dtype for p in flow.parameters()}))
+        return real_texts(flow, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_texts", texts)
+    summary = train(world.config(tmp_path, select="dev-metric", dev_max_new_tokens=4, dev_batch_size=2))
+    assert seen == [(1.1, {torch.float32})] * 3  # zh math: T = 1.1, fp32, as the original evaluated
     run = tmp_path / "zh_math"
     for epoch, results in enumerate(calls, 1):
         folder = run / "dev" / f"epoch_{epoch}"
         rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == ["0", "1", "2"] and all(r["split"] == "dev" for r in rows)
         assert rows[0]["prompt"].startswith("[INST] <<SYS>>\n你是中文助手。")  # the eval prompt, SPEC §3
+        assert "generation_original" in rows[0]  # what the faithful scorer reads
         saved = json.loads((folder / "results.json").read_text())
         assert saved["task"] == "math-dev" and saved["counts"]["ids_scored"] == 3 and saved == results
     assert len(calls) == 3
@@ -252,7 +269,7 @@ def test_dev_metric_on_code_scores_every_epoch_in_the_sandbox(world, tmp_path, m
 
     monkeypatch.setattr(generate, "generate_texts", planted)
     loras = [str(world.lora_root / "zh_lora"), str(world.lora_root / "math_lora")]
-    summary = train(world.config(tmp_path / "out", task="code", loras=loras, data_root=str(data), dev_metric=True,
+    summary = train(world.config(tmp_path / "out", task="code", loras=loras, data_root=str(data), select="dev-metric",
                                  allow_code_execution=True, lr=1e-3, total_batch=2))
     assert [h["dev_metric"] for h in summary["history"]] == [1.0, 1.0, 1.0]
     for epoch in (1, 2, 3):
@@ -378,3 +395,36 @@ def test_lora_that_does_not_fit_the_base_fails_naming_the_key(world, tmp_path, c
     tiny_lora(tiny_model("llama", hidden=32), tmp_path / "small_lora", r=4)
     err = _fails(world, tmp_path, capsys, "--loras", str(world.lora_root / "zh_lora"), str(tmp_path / "small_lora"))
     assert "LoRA small_lora: model.layers.0." in err and "has shape (4, 80), but the base module needs (4, 160)" in err
+
+
+def test_original_schedule_stops_where_the_original_did(world, tmp_path):
+    """--schedule original: int(E·N/B) + 1 steps with B = batch per device × processes (SPEC §2). 8 examples,
+    batch 5, 3 epochs: 2 batches per epoch, int(24 / 5) + 1 = 5 steps, so the run stops after the first batch of
+    epoch 3 and saves that epoch's gate there; the lr schedule is 5 steps long."""
+    summary = train(world.config(tmp_path, total_batch=5, schedule="original"))
+    run = tmp_path / "zh_math"
+    config = json.loads((run / "config.json").read_text())
+    assert summary["steps"] == 5 and config["schedule_steps"] == 5 and config["steps_per_epoch"] == 2
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    assert all((run / f"epoch_{e}" / "gate.safetensors").is_file() for e in (1, 2, 3))
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 5e-2, 5, 0.2) for s in range(5)])
+    loraflow_run = train(world.config(tmp_path / "ours", total_batch=5))
+    assert loraflow_run["steps"] == 6  # every epoch sees every example
+
+
+def test_dev_pass_runs_in_fp32_at_the_eval_temperature_and_restores(tiny_pair):
+    """The dev metric generates as the original evaluated: a bf16 base cast to fp32 (the same Parameter objects,
+    exactly the same values after), the gate temperature of evaluation, both restored after."""
+    from loraflow.train.dev_metric import gate_temperature, running_in
+
+    _, loras = tiny_pair
+    flow = FlowModel.from_pretrained(tiny_model("llama", seed=0), loras, torch_dtype=torch.bfloat16)
+    before = {n: (p, p.detach().clone()) for n, p in flow.named_parameters()}
+    with running_in(flow, torch.float32), gate_temperature(flow, 1.1):
+        assert {p.dtype for p in flow.parameters()} == {torch.float32}
+        assert flow.temperature == 1.1
+    assert flow.temperature == 1.0
+    for name, (param, value) in before.items():
+        now = dict(flow.named_parameters())[name]
+        assert now is param and now.dtype == value.dtype and torch.equal(now, value), name

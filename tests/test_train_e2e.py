@@ -55,7 +55,7 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
                          LORA_ROOT=str(world.lora_root), DATA_ROOT=str(world.data_root), OUT_DIR=str(out),
                          PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "scripts/train.sh"), "zh", "math", "5e-2", "2", str(free_port()),
-                           "--no-lora-dropout", "--dev-metric", "--dev-max-new-tokens", "2"], env=env,
+                           "--no-lora-dropout", "--select", "dev-metric", "--dev-max-new-tokens", "2"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     echoed = next(line for line in proc.stderr.splitlines() if line.startswith("+ "))
@@ -126,3 +126,54 @@ def test_killed_run_resumes_to_the_same_gate(world, tmp_path):
     assert_same_gate(tmp_path / "killed" / "zh_math.safetensors", tmp_path / "straight" / "zh_math.safetensors")
     history = [json.loads((r / "summary.json").read_text())["history"] for r in (run, straight)]
     assert [h["dev_loss"] for h in history[0]] == pytest.approx([h["dev_loss"] for h in history[1]], rel=1e-6)
+
+
+PLANT = '''import os
+from loraflow.eval import run as eval_run
+planted, real, calls = [float(v) for v in os.environ["PLANTED_DEV_METRICS"].split(",")], eval_run.score, []
+def score(*args, **kwargs):
+    results = real(*args, **kwargs)
+    calls.append(results)
+    return {**results, "metrics": {**results["metrics"], "accuracy": planted[len(calls) - 1]}}
+eval_run.score = score
+'''
+
+
+def test_train_sh_defaults_to_the_original_recipe(world, tmp_path):
+    """scripts/train.sh with no recipe flags: the CoT phrase after [/INST] in every training example's tokens, and
+    the exported gate is the epoch with the best faithful dev metric (planted: a random tiny model scores 0), not
+    the lowest dev loss."""
+    from train_world import read_gate
+
+    from loraflow.data.prompts import COT_SUFFIX
+    from loraflow.data.records import load_split, training_example
+    from loraflow.train.config import TrainConfig
+    from loraflow.train.recipe import data_fingerprint, load_tokenizer
+
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(PLANT)  # imported by every Python the script starts
+    out = tmp_path / "gates"
+    env = subprocess_env(EPOCHS="3", MAX_LEN="256", BASE_MODEL=str(world.base), LORA_ROOT=str(world.lora_root),
+                         DATA_ROOT=str(world.data_root), OUT_DIR=str(out), PYTHON=sys.executable,
+                         PYTHONPATH=f"{ROOT}:{plant}", PLANTED_DEV_METRICS="0.0,1.0,0.5")
+    proc = subprocess.run(["bash", str(ROOT / "scripts/train.sh"), "zh", "math", "5e-2", "4", str(free_port()),
+                           "--dev-max-new-tokens", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = out / "zh_math"
+    config, summary = (json.loads((run / name).read_text()) for name in ("config.json", "summary.json"))
+    assert config["cot_suffix"] is True and config["select"] == "dev-metric"
+    # the tokens trained on: every prompt ends with the phrase right after [/INST]
+    tok = load_tokenizer(TrainConfig(**{**world.config(tmp_path).to_dict(), "select": "dev-loss"}))
+    records = load_split(world.data_root, "zh", "math", "train")
+    with_cot = [training_example(tok, r, records.kind, "你是中文助手。", cot_suffix=True) for r in records]
+    without = [training_example(tok, r, records.kind, "你是中文助手。", cot_suffix=False) for r in records]
+    assert config["data_fingerprint"] == data_fingerprint(with_cot) != data_fingerprint(without)
+    for ex in with_cot:
+        prompt = tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label == -100])
+        assert prompt.endswith("[/INST]" + COT_SUFFIX)
+    # the epoch with the best (planted) faithful dev accuracy is the exported gate
+    assert [h["dev_metric"] for h in summary["history"]] == [0.0, 1.0, 0.5] and summary["best_epoch"] == 2
+    assert summary["selected_by"] == "dev accuracy (ties: dev loss)"
+    assert_same_gate(out / "zh_math.safetensors", run / "epoch_2", atol=0, rtol=0)
+    assert any(not torch.equal(v, read_gate(run / "epoch_3")[k]) for k, v in read_gate(run / "epoch_2").items())

@@ -172,6 +172,12 @@ def add_arguments(parser) -> None:
     p.add_argument("--mgsm-src", help="folder of mgsm_{lang}.tsv (google-research/url-nlp mgsm/)")
     p.add_argument("--mgsm-langs", default="en", help="comma-separated MGSM languages to add (default: en; '' none)")
     p.add_argument("--force", action="store_true", help="overwrite existing files whose content differs")
+    p = sub.add_parser("repair-humaneval", help="write the repaired HumanEval prompts (English signatures, translated "
+                                                "docstrings; loraflow/eval/repair.py) of a data root's test files")
+    p.add_argument("--data-root", default="data", help="holds test/{lang}_code_test.jsonl (default: data)")
+    p.add_argument("--languages", default="es,ru", help="comma-separated (default: es,ru)")
+    p.add_argument("--out", required=True, help="folder for {lang}_code_test.repaired.jsonl")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
     p = sub.add_parser("mgsm-to-jsonl", help="convert one MGSM TSV into a test-math JSONL file")
     p.add_argument("tsv")
     p.add_argument("out")
@@ -189,6 +195,9 @@ def run(args) -> int:
         for note in records.notes:
             print(f"  note: {note}")
         return 0
+    if args.action == "repair-humaneval":
+        return _repair_humaneval(args.data_root, [x.strip() for x in args.languages.split(",") if x.strip()],
+                                 Path(args.out), args.force)
     if args.action == "mgsm-to-jsonl":
         records = read_records(args.tsv, "test-math")
         out = Path(args.out)
@@ -206,4 +215,26 @@ def run(args) -> int:
     for note in notes:
         print(f"note: {note}")
     print(f"{args.out}: {len(files)} files OK")
+    return 0
+
+
+def _repair_humaneval(data_root, languages: list[str], out: Path, force: bool) -> int:
+    import json
+
+    from loraflow.data.records import load_split
+    from loraflow.eval.humaneval import load_english_humaneval
+    from loraflow.eval.repair import repaired_records
+    from loraflow.files import atomic_write_text
+
+    english = load_english_humaneval()
+    for lang in languages:
+        records = load_split(data_root, lang, "code", "test")
+        target = out / f"{lang}_code_test.repaired.jsonl"
+        if target.exists() and not force:
+            raise LoraflowError(f"{target} exists; pass --force to overwrite it")
+        fields = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
+        rows = [{k: r[k] for k in fields} for r in repaired_records(records, english, str(records.path))]
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"{target}: {len(rows)} repaired prompts")
     return 0

@@ -220,7 +220,7 @@ def make_gate(cfg: DemoConfig, base: Path, loras: list[Path], data: Path, out: P
 
     tc = TrainConfig(base_model=str(base), loras=[str(p) for p in loras],
                      train_file=str(data / "composite_train.jsonl"), dev_file=str(data / "composite_dev.jsonl"),
-                     system_prompt="", prompt_style="chat-template",
+                     system_prompt="", prompt_style="chat-template", cot_suffix=False,  # not the paper's data
                      lr=cfg.gate_lr, total_batch=cfg.gate_batch, epochs=cfg.gate_epochs, seed=cfg.seed,
                      out_dir=str(out), run_name="gate", log_every=10)
     summary = train(tc)

