@@ -180,7 +180,10 @@ def _run_once(program: str, timeout: float, limits: SandboxLimits, python: str |
     tmpdir = tempfile.mkdtemp(prefix="loraflow-run-")
     run_as = limits.run_as if limits.isolate and os.geteuid() == 0 else None
     if run_as is not None:
-        os.chown(tmpdir, run_as, run_as)  # its own home and working directory, and nothing else it may write
+        try:
+            os.chown(tmpdir, run_as, run_as)  # its own home and working directory, and nothing else it may write
+        except OSError:  # a file system without ownership: the program stays root (no `unprivileged-uid`)
+            run_as = None
     cgroup = _make_pids_cgroup(nonce, limits.max_processes + 2) if limits.isolate else None
     config = {"nonce": nonce, "pass_line": pass_line.encode(), "program": program, "timeout": timeout,
               "tmpdir": tmpdir, "cgroup": cgroup, "parent_pid": os.getpid(), "isolate": limits.isolate,
