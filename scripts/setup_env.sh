@@ -7,6 +7,9 @@
 # Variables (defaults in brackets):
 #   VENV         [.venv]            where the environment lives
 #   PYTHON       [python3]          interpreter used to create it
+#   PINNED       [1]                1: every package at the exact version in constraints.txt (what the demo's table
+#                                   and CI were made with; torch itself is not pinned there); 0: unpinned, the
+#                                   newest versions pyproject.toml's ranges allow (the table may then differ)
 #   TORCH_SPEC   [auto]             the torch requirement. auto = `torch` (a CUDA build) when `nvidia-smi` sees a
 #                                   GPU, else `torch==2.13.0` (the CPU build this project is tested with)
 #   TORCH_INDEX_URL [unset]         extra index for torch, e.g. https://download.pytorch.org/whl/cpu. Probed first
@@ -22,6 +25,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+PIN=()
+MODE=unpinned
+if [ "${PINNED:-1}" != 0 ]; then PIN=(-c constraints.txt); MODE=pinned; fi
+MARKER="$VENV/.loraflow-installed-$EXTRAS-$MODE"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   spec="${TORCH_SPEC:-auto}"
@@ -35,12 +42,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     index=""
   fi
   echo "[setup] installing $spec${index:+ (extra index $index)}" >&2
-  "$PY" -m pip install -q ${index:+--extra-index-url "$index" --timeout 15 --retries 0} "$spec" >&2
+  "$PY" -m pip install -q ${index:+--extra-index-url "$index" --timeout 15 --retries 0} "${PIN[@]}" "$spec" >&2
 fi
 
-if ! "$PY" -c "import loraflow" 2>/dev/null || [ pyproject.toml -nt "$VENV/.loraflow-installed-$EXTRAS" ]; then
-  echo "[setup] installing loraflow[$EXTRAS] (editable)" >&2
-  "$PY" -m pip install -q -e ".[$EXTRAS]" >&2
-  touch "$VENV/.loraflow-installed-$EXTRAS"
+if ! "$PY" -c "import loraflow" 2>/dev/null || [ ! -e "$MARKER" ] || [ pyproject.toml -nt "$MARKER" ] \
+    || { [ "$MODE" = pinned ] && [ constraints.txt -nt "$MARKER" ]; }; then
+  echo "[setup] installing loraflow[$EXTRAS] (editable, $MODE${PIN[*]:+: ${PIN[*]}})" >&2
+  "$PY" -m pip install -q "${PIN[@]}" -e ".[$EXTRAS]" >&2
+  rm -f "$VENV"/.loraflow-installed-"$EXTRAS"-*
+  touch "$MARKER"
 fi
 echo "$PY"

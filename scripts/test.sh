@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up the environment (scripts/setup_env.sh) and run the whole test suite on CPU, slow tests included.
+# Set up the environment (scripts/setup_env.sh: pinned to constraints.txt, as the demo) and run the whole test
+# suite on CPU, slow tests included.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k gate -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

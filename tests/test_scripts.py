@@ -69,3 +69,65 @@ def test_scripts_default_to_the_venv_python_else_python3(repo, tmp_path, script)
     proc = _run(repo, script, tmp_path, PYTHON=str(chosen), PATH=f"{fake_bin}:{os.environ['PATH']}")
     assert proc.returncode == 0, proc.stderr
     assert all(c.startswith(f"{chosen} ") for c in log.read_text().splitlines())
+
+
+# ------------------------------------------------------------------------------ setup_env.sh: pins, torch index
+
+def _fake_setup_python(path: Path, log: Path) -> Path:
+    """A stand-in venv python: logs each call; `import ...` checks fail (nothing installed yet), the index probe
+    runs for real, pip "succeeds"."""
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncase "$2" in *urllib*) exec {sys.executable} "$@";; '
+                    'esac\nif [ "$1" = -c ]; then exit 1; fi\nexit 0\n')
+    path.chmod(0o755)
+    return path
+
+
+def _setup(repo: Path, tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = tmp_path / "setup.log"
+    _fake_setup_python(repo / ".venv" / "bin" / "python", log)
+    proc = subprocess.run(["bash", str(repo / "scripts" / "setup_env.sh"), "dev"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "TORCH_SPEC": "torch==2.13.0", **env})
+    return proc, [c for c in log.read_text().splitlines() if c.startswith("-m pip")]
+
+
+def test_setup_installs_with_the_pins_by_default_and_unpinned_on_request(repo, tmp_path):
+    proc, pips = _setup(repo, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(pips) == 2 and all(" -c constraints.txt " in f" {c} " for c in pips), pips
+    assert "torch==2.13.0" in pips[0] and "-e .[dev]" in pips[1]
+    shutil.rmtree(repo / ".venv")
+    (tmp_path / "setup.log").unlink()
+    proc, pips = _setup(repo, tmp_path, PINNED="0")
+    assert proc.returncode == 0, proc.stderr
+    assert len(pips) == 2 and not any("constraints" in c for c in pips), pips
+
+
+def test_setup_skips_an_unreachable_torch_index_at_once(repo, tmp_path):
+    proc, pips = _setup(repo, tmp_path, TORCH_INDEX_URL="http://127.0.0.1:9/simple")
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot be reached" in proc.stderr
+    assert "torch==2.13.0" in pips[0] and "--extra-index-url" not in pips[0]
+
+
+def test_constraints_pin_every_dependency_exactly_and_leave_torch_out():
+    """constraints.txt: `name==version` lines only; every requirement of pyproject.toml (runtime and the dev and
+    demo extras) is pinned, except torch, whose build (CPU or CUDA) setup_env.sh chooses."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9][A-Za-z0-9_.+!-]*)", line.strip())
+            assert m, f"constraints.txt: {line!r} is not name==version"
+            pins[m[1].lower().replace("_", "-")] = m[2]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"] + \
+        project["optional-dependencies"]["demo"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", r)[0].lower().replace("_", "-") for r in wanted}
+    assert "torch" not in pins
+    assert names - {"torch"} <= set(pins), sorted(names - {"torch"} - set(pins))
+    assert {"tokenizers", "jinja2", "accelerate"} <= set(pins)  # imported through transformers / peft
