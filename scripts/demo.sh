@@ -24,7 +24,7 @@ PY="$(bash scripts/setup_env.sh demo | tail -n 1)"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ASSETS=()
 if [ "$SIZE" = full ]; then ASSETS=(--assets assets); fi
-echo "+ $PY -m loraflow.cli demo --size $SIZE --out $OUT ${ASSETS[*]} $*" >&2
+echo "+ $PY -m loraflow.cli demo --size $SIZE --out-dir $OUT ${ASSETS[*]} $*" >&2
 start=$(date +%s)
-"$PY" -m loraflow.cli demo --size "$SIZE" --out "$OUT" "${ASSETS[@]}" "$@"
+"$PY" -m loraflow.cli demo --size "$SIZE" --out-dir "$OUT" "${ASSETS[@]}" "$@"
 echo "[demo] finished in $(( $(date +%s) - start )) s (load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a))" >&2

@@ -16,7 +16,7 @@
 # Variables [defaults]:
 #   SPLIT [test]  METHOD [flow]: flow | average | lorahub | lang | task | base
 #   BATCH_SIZE [8]  MAX_NEW_TOKENS [512]  MAX_PROMPT_TOKENS [2048]: longer prompts keep their end  LIMIT [all]
-#   TEMPERATURE [1.1 for zh and ru math, else 1.0]  gate temperature (flow only)
+#   TEMPERATURE [the gate file's; for an original .pt 1.1 for zh and ru math, else 1.0]  gate temperature (flow)
 #   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
 #   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
 #   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder
@@ -54,7 +54,7 @@ export CUDA_VISIBLE_DEVICES="$GPU_ID"
 : "$PORT"  # unused (see above)
 
 cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"
-     --base "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
+     --base-model "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
      --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
      --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE")
 if [ "$METHOD" = flow ]; then

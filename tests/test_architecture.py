@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "loraflow"
 # Who may import whom, by layer. A module may import its own layer and the layers below it, never one above.
 # The fusion core and the scorers sit low: they never import training, evaluation runs, the demo or commands.
 LAYERS = [
-    ("base", ("loraflow", "loraflow.errors", "loraflow.files")),
+    ("base", ("loraflow", "loraflow.errors", "loraflow.files", "loraflow.versions", "loraflow.devices")),
     ("tables", ("loraflow.convert.tables", "loraflow.data.prompts")),
     ("core", ("loraflow.fusion", "loraflow.data.records", "loraflow.eval.mgsm", "loraflow.eval.humaneval",
               "loraflow.eval.sandbox", "loraflow.convert.shards")),

