@@ -231,7 +231,8 @@ BAD = {  # case: (overrides of _args, extra arguments, message)
     "gate for other LoRAs": ({"gate": "SWAPPED"}, [], "trained on LoRAs ['math_lora', 'zh_lora']"),
     "gate of another hidden size": ({"gate": "NARROW"}, [], "hidden size is 32, but the model has 64"),
     "gate for another k": ({"gate": "TRIPLE"}, [], "k (number of LoRAs) is 3, but the model has 2"),
-    "code without opt-in": ({"task": "code"}, [], "pass --allow-code-execution"),
+    "code without opt-in": ({"task": "code"}, [], "humaneval is scored by running the programs the model writes: "
+                                                  "running model-generated code needs an explicit opt-in"),
     "flow without gate": ({"gate": ""}, [], "--method flow needs --gate"),
     "temperature without gate": ({"method": "task"}, ["--temperature", "1.0"], "only --method flow has a gate"),
     "non-positive timeout": ({}, ["--timeout", "0"], "--timeout must be > 0 seconds"),

@@ -125,11 +125,12 @@ def check_language(language: str) -> str:
 
 
 def require_code_execution(task: Benchmark, allowed: bool, where: str = "") -> None:
-    """The opt-in every command asks for before a code benchmark runs model-written programs."""
+    """The opt-in every command asks for before a code benchmark runs model-written programs, checked before
+    anything is loaded; the message is the sandbox's own (`runner.OPT_IN`), prefixed with what asked."""
     if task.needs_execution and not allowed:
-        raise LoraflowError(f"{where}{task.name} is scored by running the programs the model writes; pass "
-                            "--allow-code-execution to allow it (they run in loraflow's sandbox: a separate, "
-                            "resource-limited process, which is not a security boundary)")
+        from loraflow.eval.sandbox.runner import OPT_IN
+
+        raise LoraflowError(f"{where}{task.name} is scored by running the programs the model writes: {OPT_IN}")
 
 
 # ------------------------------------------------------------------------------------------------------ methods
