@@ -1,7 +1,7 @@
 """Gate-weight plots: where a LoRA-Flow model puts each LoRA, per layer and per token.
 
-    loraflow plot-gates --base BASE --loras LANG_LORA TASK_LORA --gate GATE --prompt "..." --out plots/
-    loraflow plot-gates --base BASE --loras ... --gate GATE --predictions predictions.jsonl --out plots/
+    loraflow plot-gates --base-model BASE --loras LANG_LORA TASK_LORA --gate GATE --prompt "..." --out-dir plots/
+    loraflow plot-gates --base-model BASE --loras ... --gate GATE --predictions predictions.jsonl --out-dir plots/
 
 - `gate_heatmap`: one panel per LoRA, rows = decoder layers, columns = generated tokens (labelled on the x axis);
   column j is the weight the gate gave that LoRA *while predicting* token j (the gate reads the layer input of the
@@ -14,12 +14,14 @@ so no display is needed.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from loraflow.devices import add_device_arguments
 from loraflow.errors import LoraflowError
 from loraflow.files import atomic_path
 
@@ -165,7 +167,8 @@ def layer_bars(mean_weights: torch.Tensor, lora_names: Sequence[str], path: str 
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p) -> None:
-    p.add_argument("--base", required=True, help="base model (folder or hub id)")
+    p.add_argument("--base-model", dest="base", help="base model (folder or hub id) [required]")
+    p.add_argument("--base", dest="base", help=argparse.SUPPRESS)  # the old spelling, for one release
     p.add_argument("--loras", nargs="+", required=True, help="LoRA folders or hub ids, in fusion order")
     p.add_argument("--gate", required=True, help="gate: loraflow folder / .safetensors, or an original .pt")
     p.add_argument("--tokenizer", help="tokenizer (default: --base)")
@@ -176,23 +179,32 @@ def add_arguments(p) -> None:
     p.add_argument("--item", type=int, default=0, help="which predictions line to draw as a heatmap (0-based)")
     p.add_argument("--limit", type=int, default=200, help="average the bars over at most this many items")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, help="gate temperature (default: the gate file's)")
+    p.add_argument("--temperature", type=float, help="gate temperature (default: the gate file's; for an original "
+                                                     ".pt, 1.1 for zh/ru math by its name, else 1.0)")
     p.add_argument("--no-check-lora-names", dest="check_lora_names", action="store_false",
                    help="load a gate whose gate.json names other LoRAs (same count and shapes, e.g. renamed copies)")
-    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
-    p.add_argument("--out", default="plots", help="output folder (gate_heatmap.png, gate_layers.png)")
+    add_device_arguments(p)
+    p.add_argument("--out-dir", dest="out", default="plots", help="output folder (gate_heatmap.png, gate_layers.png)")
+    p.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the old spelling, for one release
 
 
 def run(args) -> int:
     from transformers import AutoTokenizer
 
+    from loraflow.devices import resolve_device, resolve_dtype, torch_dtype
+    from loraflow.eval.registry import resolve_temperature
     from loraflow.files import read_jsonl
     from loraflow.fusion.model import FlowModel
 
+    if not args.base:
+        raise LoraflowError("--base-model is required: the base model, a folder or hub id")
     _pyplot()  # fail before loading a model when matplotlib is missing
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    flow = FlowModel.from_pretrained(args.base, loras=args.loras, gate=args.gate, temperature=args.temperature,
-                                     device=device, check_lora_names=args.check_lora_names)
+    device = resolve_device(args.device)
+    temperature, source = resolve_temperature(args.temperature, args.gate)
+    print(f"gate temperature {temperature} ({source})")
+    flow = FlowModel.from_pretrained(args.base, loras=args.loras, gate=args.gate, temperature=temperature,
+                                     device=device, torch_dtype=torch_dtype(resolve_dtype(args.dtype, device)),
+                                     check_lora_names=args.check_lora_names)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
     out = Path(args.out)
     if args.prompt is not None:

@@ -33,7 +33,7 @@ fi
 # one thread unless the user chose: on a machine shared with other jobs, torch's default can be several times slower
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $PY -m loraflow.cli demo --size $SIZE --out $OUT $*" >&2
+echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $PY -m loraflow.cli demo --size $SIZE --out-dir $OUT $*" >&2
 start=$(date +%s)
-"$PY" -m loraflow.cli demo --size "$SIZE" --out "$OUT" "$@"
+"$PY" -m loraflow.cli demo --size "$SIZE" --out-dir "$OUT" "$@"
 echo "[demo] finished in $(( $(date +%s) - start )) s (load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a))" >&2

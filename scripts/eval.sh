@@ -16,7 +16,7 @@
 # Variables [defaults]:
 #   SPLIT [test]  METHOD [flow]: flow | average | lorahub | lang | task | base
 #   BATCH_SIZE [8]  MAX_NEW_TOKENS [512]  MAX_PROMPT_TOKENS [2048]: longer prompts keep their end  LIMIT [all]
-#   TEMPERATURE [1.1 for zh and ru math, else 1.0]  gate temperature (flow only)
+#   TEMPERATURE [the gate file's; for an original .pt 1.1 for zh and ru math, else 1.0]  gate temperature (flow)
 #   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
 #   LANG_LORA [<language>_lora]  TASK_LORA [<math|code>_lora]: the two LoRAs, each a path or a name under LORA_ROOT
 #   CHECK_LORA_NAMES [1]: 0 loads a gate whose gate.json names other LoRAs (--no-check-lora-names)
@@ -65,7 +65,7 @@ lora_path() { case "$1" in */*) echo "$1";; *) if [ -e "$1" ]; then echo "$1"; e
 : "$PORT"  # unused (see above)
 
 cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"
-     --base "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
+     --base-model "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
      --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
      --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE" --dtype "$DTYPE")
 if [ -n "$LANG_LORA" ]; then cmd+=(--lang-lora "$(lora_path "$LANG_LORA")"); fi

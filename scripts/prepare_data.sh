@@ -65,7 +65,7 @@ if [ -n "$MGSM_LANGS" ] && [ -z "$MGSM_SRC" ]; then
   done
 fi
 
-args=(-m loraflow.cli data prepare --src "$DATA_SRC" --out "$OUT" --mgsm-langs "$MGSM_LANGS")
+args=(-m loraflow.cli data prepare --src "$DATA_SRC" --out-dir "$OUT" --mgsm-langs "$MGSM_LANGS")
 if [ -n "$MGSM_SRC" ]; then args+=(--mgsm-src "$MGSM_SRC"); fi
 if [ "$FORCE" = 1 ]; then args+=(--force); fi
 run "$PYTHON" "${args[@]}"

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "loraflow"
 # Who may import whom, by layer. A module may import its own layer and the layers below it, never one above.
 # The fusion core and the scorers sit low: they never import training, evaluation runs, the demo or commands.
 LAYERS = [
-    ("base", ("loraflow", "loraflow.errors", "loraflow.files")),
+    ("base", ("loraflow", "loraflow.errors", "loraflow.files", "loraflow.versions", "loraflow.devices")),
     ("tables", ("loraflow.convert.tables", "loraflow.data.prompts")),
     ("core", ("loraflow.fusion", "loraflow.data.records", "loraflow.eval.mgsm", "loraflow.eval.humaneval",
               "loraflow.eval.sandbox", "loraflow.convert.shards", "loraflow.convert.gguf")),
@@ -118,6 +118,64 @@ def test_no_module_calls_another_commands_run():
             if isinstance(node, ast.ImportFrom) and any(a.name == "run" for a in node.names):
                 calls.append(f"{name} imports run from {node.module}")
     assert not calls, "\n".join(calls)
+
+
+def _command_modules() -> set[str]:
+    from loraflow.cli import COMMANDS
+
+    return {module for module, _ in COMMANDS.values()}
+
+
+def _bound_modules(tree: ast.AST) -> dict[str, str]:
+    """Local name -> loraflow module, for `import loraflow.x as y` and `from loraflow.pkg import mod [as y]`."""
+    known, bound = modules(), {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname and a.name in known:
+                    bound[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraflow"):
+            for a in node.names:
+                if f"{node.module}.{a.name}" in known:
+                    bound[a.asname or a.name] = f"{node.module}.{a.name}"
+    return bound
+
+
+def namespace_and_run_calls(sources: dict[str, Path]) -> list[str]:
+    """Where `sources` (module name -> file) build an argparse.Namespace or call a command module's `run()`."""
+    commands, bad = _command_modules(), []
+    for name, path in sources.items():
+        tree = ast.parse(path.read_text())
+        bound = _bound_modules(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if (isinstance(func, ast.Attribute) and func.attr == "Namespace") or \
+                    (isinstance(func, ast.Name) and func.id == "Namespace"):
+                bad.append(f"{name}:{node.lineno} builds an argparse.Namespace")
+            if isinstance(func, ast.Attribute) and func.attr == "run" and isinstance(func.value, ast.Name):
+                target = bound.get(func.value.id)
+                if target in commands and target != name:
+                    bad.append(f"{name}:{node.lineno} calls {target}.run()")
+    return bad
+
+
+def test_library_code_builds_no_namespace_and_calls_no_command():
+    """No argparse.Namespace is made outside a parser (library code takes typed arguments), and no module calls
+    another command module's `run(args)` (commands are thin wrappers over library functions)."""
+    bad = namespace_and_run_calls(modules())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_scan_catches_what_it_looks_for(tmp_path):
+    """The same scan on a planted module (so a scan that finds nothing is not vacuous)."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("import argparse\nfrom loraflow.eval import score as scoring\n\n\ndef f():\n"
+                       "    scoring.run(argparse.Namespace(task='mgsm'))\n")
+    bad = namespace_and_run_calls({"loraflow.planted": planted})
+    assert sorted(bad) == ["loraflow.planted:6 builds an argparse.Namespace",
+                           "loraflow.planted:6 calls loraflow.eval.score.run()"]
 
 
 # loraflow/__init__.py names its lazy exports as strings, not imports; they are not edges of the graph

@@ -168,7 +168,7 @@ def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys, monkeyp
     _, out, _ = small_demo
     before = (out / "report" / "table.md").read_text()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert main(["demo", "--size", "small", "--out", str(out), "--update-assets", str(tmp_path / "assets")]) == 0
+    assert main(["demo", "--size", "small", "--out-dir", str(out), "--update-assets", str(tmp_path / "assets")]) == 0
     assert torch.get_num_threads() == 1  # the demo fixed its own thread count
     printed = capsys.readouterr().out
     assert printed.count("done already") == 6 + len(METHODS)
@@ -217,23 +217,23 @@ def test_teacher_forced_weights_are_the_ones_that_generated_the_tokens(tiny_flow
 @pytest.mark.slow
 def test_plot_gates_command_prompt_and_predictions(tiny_flow_files, tmp_path):
     base, loras, gate, tok_dir, _ = tiny_flow_files
-    common = ["plot-gates", "--base", str(base), "--loras", *map(str, loras), "--gate", str(gate),
+    common = ["plot-gates", "--base-model", str(base), "--loras", *map(str, loras), "--gate", str(gate),
               "--tokenizer", str(tok_dir)]
-    assert main([*common, "--prompt", "hello", "--max-new-tokens", "5", "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--prompt", "hello", "--max-new-tokens", "5", "--out-dir", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "gate_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     preds = tmp_path / "predictions.jsonl"
     preds.write_text("".join(json.dumps({"id": str(i), "prompt": f"q{i}", "generation": f" answer {i}"}) + "\n"
                              for i in range(3)))
-    assert main([*common, "--predictions", str(preds), "--item", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main([*common, "--predictions", str(preds), "--item", "1", "--out-dir", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "gate_heatmap.png").is_file() and (tmp_path / "b" / "gate_layers.png").is_file()
-    assert main([*common, "--predictions", str(preds), "--item", "7", "--out", str(tmp_path / "c")]) == 2
+    assert main([*common, "--predictions", str(preds), "--item", "7", "--out-dir", str(tmp_path / "c")]) == 2
 
 
 def test_plot_gates_without_matplotlib_is_a_clear_error(monkeypatch, tiny_flow_files, capsys, tmp_path):
     base, loras, gate, tok_dir, _ = tiny_flow_files
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    code = main(["plot-gates", "--base", str(base), "--loras", *map(str, loras), "--gate", str(gate),
-                 "--prompt", "x", "--out", str(tmp_path)])
+    code = main(["plot-gates", "--base-model", str(base), "--loras", *map(str, loras), "--gate", str(gate),
+                 "--prompt", "x", "--out-dir", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
     assert "matplotlib" in err and "loraflow[plot]" in err

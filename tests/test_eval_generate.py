@@ -232,7 +232,8 @@ def test_eval_dtype_defaults_to_fp32_and_is_the_one_that_ran(tiny_pair):
     p = argparse.ArgumentParser()
     eval_run.add_arguments(p)
     args = p.parse_args(["--task", "mgsm", "--language", "zh", "--method", "average", "--base", "x"])
-    assert eval_run._device_dtype(args)[1] == "float32"
+    cfg = eval_run.EvalConfig.from_args(args)
+    assert cfg.dtype == "float32" and eval_run.EvalConfig.dtype == "float32"  # the CLI and the API: fp32, even on CUDA
     _, loras = tiny_pair
     for dtype in (torch.float32, torch.bfloat16):
         model = FlowModel.from_pretrained(tiny_model("llama", seed=0), loras, torch_dtype=dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from loraflow.data.records import load_split
-from loraflow.eval.tasks import build_prompt, load_system_prompts, resolve_task
+from loraflow.eval.registry import build_prompt, load_system_prompts, resolve_task
 
 MATH_SYSTEM = {
     "zh": "你是中文人工智能助手，你的职责是帮助用户解决他们的问题。回答问题时，"

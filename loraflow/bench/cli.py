@@ -22,11 +22,13 @@ import argparse
 import os
 import platform
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from loraflow.bench.layer import bench_layer, bench_scaling
+from loraflow.devices import add_device_arguments, resolve_device, resolve_dtype, torch_dtype
 from loraflow.errors import LoraflowError
 
 
@@ -79,7 +81,7 @@ def _ints(text: str) -> list[int]:
 
 def _shared_arguments(p: argparse.ArgumentParser) -> None:
     d = "[default: by device]"
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(p)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks that everything runs")
     p.add_argument("--json", help="write the results here, and a markdown table beside it (.md)")
     p.add_argument("--threads", type=int, help="CPU threads for torch [torch's default]")
@@ -125,65 +127,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _shared_arguments(sub.add_parser(name, help=text, description=text))
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every unset size from `defaults` for the device (and --quick)."""
-    device = torch.device(args.device)
-    for key, value in defaults(device, args.quick).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
+@dataclass
+class BenchSettings:
+    """Every setting of one `loraflow bench` run (the flags, with the device's defaults filled in)."""
+
+    bench: str
+    device: str
+    quick: bool
+    json: str | None
+    threads: int | None
+    parts: str | None
+    no_memory: bool
+    sandbox_workers: int | None
+    dtype: str = "auto"
+    scale: int = 1
+    rounds: int = 1
+    shapes: str = ""
+    tokens: str = ""
+    ranks: str = ""
+    scaling_d: int = 0
+    scaling_rank: int = 0
+    scaling_k: str = ""
+    scaling_tokens: str = ""
+    hidden: int = 0
+    layers: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    intermediate: int = 0
+    vocab: int = 0
+    rank: int = 0
+    batches: str = ""
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    decode_rounds: int = 1
+    xlora_rounds: int = 1
+    xlora_batches: str = ""
+    train_batch: int = 0
+    train_seq: int = 0
+    sandbox_repeat: int = 1
+    sandbox_limit: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchSettings:
+        """The flags given, every unset size from `defaults` for the device (and --quick)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values["device"] = resolve_device(values["device"])
+        for key, value in defaults(torch.device(values["device"]), values["quick"]).items():
+            if values.get(key) is None:
+                values[key] = value
+        return cls(**values)
 
 
-def _scaled_shapes(args) -> list[tuple[int, int]]:
+def _scaled_shapes(cfg: BenchSettings) -> list[tuple[int, int]]:
     shapes = []
-    for shape in args.shapes.split(","):
+    for shape in cfg.shapes.split(","):
         try:
             d_in, d_out = (int(v) for v in shape.lower().split("x"))
         except ValueError:
             raise LoraflowError(f"--shapes: {shape!r} is not d_in x d_out (e.g. 4096x4096)") from None
-        shapes.append((d_in // args.scale, d_out // args.scale))
+        shapes.append((d_in // cfg.scale, d_out // cfg.scale))
     return shapes
 
 
-def _rank_sets(args) -> list[list[int]]:
-    sets = [[max(1, r // args.scale) for r in _ints(s)] for s in args.ranks.split(";") if s.strip()]
+def _rank_sets(cfg: BenchSettings) -> list[list[int]]:
+    sets = [[max(1, r // cfg.scale) for r in _ints(s)] for s in cfg.ranks.split(";") if s.strip()]
     if not sets or any(not s for s in sets):
-        raise LoraflowError(f"--ranks {args.ranks!r}: give rank sets like 64,64;64,256")
+        raise LoraflowError(f"--ranks {cfg.ranks!r}: give rank sets like 64,64;64,256")
     return sets
 
 
-def model_shape(args):
+def model_shape(cfg: BenchSettings):
     from loraflow.bench.decode import ModelShape
 
-    return ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                      intermediate=args.intermediate, vocab=args.vocab, rank=args.rank)
+    return ModelShape(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                      intermediate=cfg.intermediate, vocab=cfg.vocab, rank=cfg.rank)
 
 
-def run_part(part: str, args, device, dtype) -> dict:
+def run_part(part: str, cfg: BenchSettings, device, dtype) -> dict:
     load_before = os.getloadavg()
     start = time.perf_counter()
     if part == "layer":
-        result = {"scale": args.scale, "rows": [
-            bench_layer(d_in, d_out, tokens, ranks, device, dtype, args.rounds)
-            for d_in, d_out in _scaled_shapes(args) for tokens in _ints(args.tokens) for ranks in _rank_sets(args)]}
+        result = {"scale": cfg.scale, "rows": [
+            bench_layer(d_in, d_out, tokens, ranks, device, dtype, cfg.rounds)
+            for d_in, d_out in _scaled_shapes(cfg) for tokens in _ints(cfg.tokens) for ranks in _rank_sets(cfg)]}
     elif part == "scaling":
-        result = bench_scaling(args.scaling_d // args.scale, max(1, args.scaling_rank // args.scale),
-                               _ints(args.scaling_k), _ints(args.scaling_tokens), _ints(args.tokens)[0], 2, device,
-                               dtype, args.rounds)
-        result["scale"] = args.scale
+        result = bench_scaling(cfg.scaling_d // cfg.scale, max(1, cfg.scaling_rank // cfg.scale),
+                               _ints(cfg.scaling_k), _ints(cfg.scaling_tokens), _ints(cfg.tokens)[0], 2, device,
+                               dtype, cfg.rounds)
+        result["scale"] = cfg.scale
     elif part == "decode":
         from loraflow.bench.decode import bench_decode
 
-        result = bench_decode(model_shape(args), _ints(args.batches), args.new_tokens, args.prompt_tokens, device,
-                              dtype, rounds=args.decode_rounds, xlora_rounds=args.xlora_rounds,
-                              xlora_batches=_ints(args.xlora_batches))
+        result = bench_decode(model_shape(cfg), _ints(cfg.batches), cfg.new_tokens, cfg.prompt_tokens, device,
+                              dtype, rounds=cfg.decode_rounds, xlora_rounds=cfg.xlora_rounds,
+                              xlora_batches=_ints(cfg.xlora_batches))
     elif part == "train":
         from loraflow.bench.train import bench_train
 
-        result = bench_train(model_shape(args), args.train_batch, args.train_seq, device, rounds=args.rounds,
-                             memory=not args.no_memory)
+        result = bench_train(model_shape(cfg), cfg.train_batch, cfg.train_seq, device, rounds=cfg.rounds,
+                             memory=not cfg.no_memory)
     elif part == "sandbox":
-        result = run_sandbox_bench(args)
+        result = run_sandbox_bench(cfg)
     else:
         raise LoraflowError(f"unknown benchmark part {part!r}: choose from {PARTS}")
     result["wall_seconds"] = time.perf_counter() - start
@@ -191,7 +235,7 @@ def run_part(part: str, args, device, dtype) -> dict:
     return result
 
 
-def run_sandbox_bench(args) -> dict:
+def run_sandbox_bench(cfg: BenchSettings) -> dict:
     """`loraflow.bench.sandbox` in a child process (the timed process must not hold torch: forks copy it)."""
     import json
     import subprocess
@@ -202,11 +246,11 @@ def run_sandbox_bench(args) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sandbox.json"
-        cmd = [sys.executable, "-m", "loraflow.bench.sandbox", "--json", str(out), "--repeat", str(args.sandbox_repeat)]
-        if args.sandbox_workers:
-            cmd += ["--workers", str(args.sandbox_workers)]
-        if args.sandbox_limit:
-            cmd += ["--limit", str(args.sandbox_limit)]
+        cmd = [sys.executable, "-m", "loraflow.bench.sandbox", "--json", str(out), "--repeat", str(cfg.sandbox_repeat)]
+        if cfg.sandbox_workers:
+            cmd += ["--workers", str(cfg.sandbox_workers)]
+        if cfg.sandbox_limit:
+            cmd += ["--limit", str(cfg.sandbox_limit)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             raise LoraflowError(f"sandbox benchmark failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -216,23 +260,23 @@ def run_sandbox_bench(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from loraflow.bench.report import markdown, print_part
 
-    args = resolve(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    parts = (args.bench,) if args.bench != "all" else tuple(args.parts.split(",")) if args.parts else PARTS
+    cfg = BenchSettings.from_args(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    dtype = torch_dtype(resolve_dtype(cfg.dtype, cfg.device))
+    parts = (cfg.bench,) if cfg.bench != "all" else tuple(cfg.parts.split(",")) if cfg.parts else PARTS
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise LoraflowError(f"--parts: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
-    result = {"environment": environment(device), "dtype": str(dtype), "quick": args.quick,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("bench", "json")}, "parts": {}}
-    path = args.json
-    if path is None and args.bench == "all" and not args.quick:
+    result = {"environment": environment(device), "dtype": str(dtype), "quick": cfg.quick,
+              "settings": {k: v for k, v in asdict(cfg).items() if k not in ("bench", "json")}, "parts": {}}
+    path = cfg.json
+    if path is None and cfg.bench == "all" and not cfg.quick:
         path = f"bench/results/{platform.node()}-{time.strftime('%Y-%m-%d')}.json"
     for part in parts:
         print(f"== {part} ({time.strftime('%H:%M:%S')}, load average {os.getloadavg()[0]:.2f})", flush=True)
-        result["parts"][part] = run_part(part, args, device, dtype)
+        result["parts"][part] = run_part(part, cfg, device, dtype)
         print_part(part, result["parts"][part])
         if path:  # after every part, so a long run that stops keeps what it measured
             _write(path, result, markdown(result))

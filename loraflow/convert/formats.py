@@ -19,7 +19,9 @@ from loraflow import __version__
 from loraflow.convert import tables as C
 from loraflow.convert.shards import ShardWriter, TensorSource, parse_size, save_pickle, staged_output
 from loraflow.convert.tables import release_gate_metadata
+from loraflow.devices import DTYPES as DTYPE_NAMES
 from loraflow.errors import LoraflowError
+from loraflow.eval.registry import default_temperature
 from loraflow.files import atomic_write_json, load_tensors, read_json, save_tensors
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -29,7 +31,7 @@ MC_WEIGHTS = ("pytorch_model.pt", "model.safetensors")
 # Tokenizer and generation files a model folder carries along unchanged (the original copied the tokenizer too).
 AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
              "added_tokens.json", "chat_template.jinja", "generation_config.json")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names every --dtype uses
 
 
 def _say(msg: str) -> None:
@@ -185,7 +187,8 @@ def convert_gate(src, out, to: str, *, lora_names=None, temperature: float | Non
             raise LoraflowError(f"{src}: the gate fuses k={k} LoRAs; got lora names {lora_names}, ids {lora_ids}")
         meta = {"format": "loraflow-gate", "k": k, "lora_names": lora_names, "hidden_size": hidden,
                 "num_layers": num_layers,
-                "temperature": temperature if temperature is not None else known.get("temperature", 1.0),
+                "temperature": temperature if temperature is not None else
+                default_temperature(known["language"], known["task"]) if known else 1.0,
                 "base_model": base_model, "lora_ids": list(lora_ids) if lora_ids else None,
                 "loraflow_version": __version__, "source": src.name,
                 "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest()}

@@ -426,14 +426,14 @@ def base_modelcenter_to_hf(state_dict, mc_config: Mapping, dtype: torch.dtype | 
     return _apply(base_plan_modelcenter_to_hf(_shapes(state_dict), mc_config), state_dict, dtype)
 
 
-# The released gates (SPEC §1): LoRA order is [language, task]; zh-math and ru-math were run at T = 1.1.
+# The released gates (SPEC §1): LoRA order is [language, task]. Their temperatures are the registry's
+# (`loraflow.eval.registry.default_temperature`).
 RELEASE_GATE = re.compile(r"^(?P<lang>zh|ru|es)_(?P<task>math|code)$")
-RELEASE_TEMPERATURE = {"zh_math": 1.1, "ru_math": 1.1}
 
 
 def release_gate_metadata(name: str) -> dict:
-    """LoRA names and temperature of a released gate named like `zh_math`; {} for any other name."""
+    """Language, task and LoRA names of a released gate named like `zh_math`; {} for any other name."""
     m = RELEASE_GATE.match(name)
     if not m:
         return {}
-    return {"lora_names": [f"{m['lang']}_lora", f"{m['task']}_lora"], "temperature": RELEASE_TEMPERATURE.get(name, 1.0)}
+    return {"language": m["lang"], "task": m["task"], "lora_names": [f"{m['lang']}_lora", f"{m['task']}_lora"]}

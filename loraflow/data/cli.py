@@ -13,6 +13,7 @@ error unless --force. `scripts/prepare_data.sh` wraps this and can download the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from loraflow.data.records import (
     KINDS,
     MGSM_FILE,
+    SPLIT_TEMPLATE,
     SPLITS,
     TASKS,
     infer_kind,
@@ -94,7 +96,7 @@ def plan(src: str | os.PathLike, mgsm_src: str | os.PathLike | None = None,
                                note=note))
     have = {p.rel for p in out}
     for lang in mgsm_langs:
-        rel = f"test/{lang}_math_test.jsonl"
+        rel = SPLIT_TEMPLATE.format(split="test", lang=lang, task="math")
         if rel in have:
             notes.append(f"MGSM {lang}: kept the release's {rel}")
             continue
@@ -108,7 +110,7 @@ def plan(src: str | os.PathLike, mgsm_src: str | os.PathLike | None = None,
         out.append(Planned(rel, mgsm_jsonl(records), records.kind, len(records), "convert"))
     found = {p.rel for p in out}
     missing = [f"{lang}_{task}_{split}" for split in SPLITS for task in TASKS for lang in RELEASE_LANGS
-               if f"{split}/{lang}_{task}_{split}.jsonl" not in found]
+               if SPLIT_TEMPLATE.format(split=split, lang=lang, task=task) not in found]
     if missing:
         notes.append(f"the source lacks {len(missing)} of the release's files: {', '.join(missing)}")
     return out, notes
@@ -168,7 +170,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--kind", choices=list(KINDS), help="record kind (default: from the file name)")
     p = sub.add_parser("prepare", help="build a data root from the release's data/ folder and MGSM TSVs")
     p.add_argument("--src", required=True, help="folder laid out like thunlp/LoRAFlow's data/")
-    p.add_argument("--out", default="data", help="output data root (default: data)")
+    p.add_argument("--out-dir", dest="out", default="data", help="output data root (default: data)")
+    p.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the old spelling, for one release
     p.add_argument("--mgsm-src", help="folder of mgsm_{lang}.tsv (google-research/url-nlp mgsm/)")
     p.add_argument("--mgsm-langs", default="en", help="comma-separated MGSM languages to add (default: en; '' none)")
     p.add_argument("--force", action="store_true", help="overwrite existing files whose content differs")

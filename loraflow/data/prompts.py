@@ -1,7 +1,8 @@
 """Prompt templates of LoRA-Flow: pure functions from strings and records to the exact text the model sees.
 
-Training (SPEC §2), two styles:
-- `llama2-chat` (the original): `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{input} [/INST]` + response + ` </s>`.
+Two prompt styles, one name each everywhere (training, evaluation, the dev metric; `STYLES`):
+- `faithful` (the original's text; training called it `llama2-chat`, still accepted as an alias). Training:
+  `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{input} [/INST]` + response + ` </s>`.
   The prompt text carries the BOS as `<s>`, so it must be tokenised with `add_special_tokens=False`.
 - `chat-template`: the tokenizer's own `apply_chat_template` (system + user, generation prompt) + response + eos;
   for base models whose chat format is not Llama-2's.
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 
 from loraflow.errors import LoraflowError
 
-STYLES = ("llama2-chat", "chat-template")
+FAITHFUL, CHAT_TEMPLATE = "faithful", "chat-template"
+STYLES = (FAITHFUL, CHAT_TEMPLATE)
+STYLE_ALIASES = {"llama2-chat": FAITHFUL}  # the training side's old name of the faithful style (one release)
 LLAMA2_PROMPT = "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{input} [/INST]"
 LLAMA2_EOS = " </s>"
 # The original appended this ("Let's think step by step.") after `[/INST]` of every training prompt, for every
@@ -51,6 +54,14 @@ def system_prompt(system_prompts: Mapping[str, str], lang: str, task: str) -> st
     raise LoraflowError(f"no system prompt for {key!r} (have: {', '.join(have)}); add one to system_prompts.json")
 
 
+def canonical_style(style: str) -> str:
+    """The one name of a prompt style (`llama2-chat` -> `faithful`); an unknown style is an error."""
+    style = STYLE_ALIASES.get(style, style)
+    if style not in STYLES:
+        raise LoraflowError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
+    return style
+
+
 def chat_prompt(tokenizer, system: str | None, user: str) -> str:
     """The tokenizer's chat template applied to (system, user) with the assistant's generation prompt, as text."""
     from jinja2.exceptions import TemplateError
@@ -61,24 +72,22 @@ def chat_prompt(tokenizer, system: str | None, user: str) -> str:
     except (ValueError, TemplateError) as e:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise LoraflowError(f"the chat template of tokenizer {name!r} failed: {e} "
-                            "(use style 'llama2-chat', or a tokenizer whose template accepts a system message)") from e
+                            "(use style 'faithful', or a tokenizer whose template accepts a system message)") from e
 
 
-def training_texts(system: str, input_text: str, output_text: str, *, style: str = "llama2-chat",
+def training_texts(system: str, input_text: str, output_text: str, *, style: str = FAITHFUL,
                    tokenizer=None, cot_suffix: bool = False) -> tuple[str, str]:
     """`(prompt, response)` texts of one training example; the loss goes on the response (which ends with eos).
 
     `style="chat-template"` needs `tokenizer`. `cot_suffix=True` appends `COT_SUFFIX` to the prompt, as the
     original did (faithful mode only).
     """
-    if style == "llama2-chat":
+    if canonical_style(style) == FAITHFUL:
         prompt, eos = LLAMA2_PROMPT.format(system=system, input=input_text), LLAMA2_EOS
-    elif style == "chat-template":
+    else:
         if tokenizer is None or tokenizer.eos_token is None:
             raise LoraflowError("style 'chat-template' needs a tokenizer with a chat template and an eos token")
         prompt, eos = chat_prompt(tokenizer, system, input_text), tokenizer.eos_token
-    else:
-        raise LoraflowError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
     return prompt + (COT_SUFFIX if cot_suffix else ""), output_text + eos
 
 

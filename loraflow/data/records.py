@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow.data.prompts import training_texts
+from loraflow.data.prompts import FAITHFUL, training_texts
 from loraflow.errors import LoraflowError
 from loraflow.files import iter_jsonl, read_json
 
 SPLITS = ("train", "dev", "test")
 TASKS = ("math", "code")
 IGNORE_INDEX = -100  # label of tokens without loss (prompt, padding): PyTorch's cross-entropy default
+SPLIT_TEMPLATE = "{split}/{lang}_{task}_{split}.jsonl"  # the data-root layout: the one place it is written
 SPLIT_FILE = re.compile(r"^(?P<lang>[A-Za-z0-9-]+)_(?P<task>[a-z0-9-]+)_(?P<split>train|dev|test)\.jsonl$")
 MGSM_FILE = re.compile(r"^mgsm_(?P<lang>[A-Za-z0-9-]+)\.tsv$")
 
@@ -207,7 +208,7 @@ def split_path(data_root: str | os.PathLike, lang: str, task: str, split: str) -
     """`data_root/{split}/{lang}_{task}_{split}.jsonl` (not checked for existence)."""
     if split not in SPLITS:
         raise LoraflowError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    path = Path(data_root) / split / f"{lang}_{task}_{split}.jsonl"
+    path = Path(data_root) / SPLIT_TEMPLATE.format(split=split, lang=lang, task=task)
     if parse_split_name(path) != (lang, task, split):
         raise LoraflowError(f"bad language {lang!r} or task {task!r}: use letters, digits and '-'")
     return path
@@ -270,7 +271,7 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> dict[
     """Token ids and labels of prompt + response; labels are `IGNORE_INDEX` on the prompt, the ids on the response.
 
     Prompt and response are tokenised separately with `add_special_tokens=False` and concatenated, so the
-    boundary is exact and no second BOS appears: the prompt text carries its own BOS (`<s>` in llama2-chat,
+    boundary is exact and no second BOS appears: the prompt text carries its own BOS (`<s>` in the faithful style,
     whatever the chat template writes otherwise) and the response text its eos.
     Truncation, when the two exceed `max_len`: the prompt loses tokens from its left (after a leading BOS, which
     is kept), so the whole response stays; a response that alone does not fit keeps its first tokens, after the
@@ -293,11 +294,11 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> dict[
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
 
-def training_example(tokenizer, record: dict, kind: str, system: str, *, style: str = "llama2-chat",
+def training_example(tokenizer, record: dict, kind: str, system: str, *, style: str = FAITHFUL,
                      max_len: int = 4096, cot_suffix: bool = False) -> dict[str, list[int]]:
     """One record -> prompt/response texts (`prompts.training_texts`) -> `encode_example`.
 
-    Checks that the response really ends with the tokenizer's eos id: with `llama2-chat` the text ` </s>` must be
+    Checks that the response really ends with the tokenizer's eos id: with `faithful` the text ` </s>` must be
     the tokenizer's eos token (true for Llama/Mistral tokenizers); otherwise use `style="chat-template"`.
     """
     input_text, output_text = record_io(record, kind)

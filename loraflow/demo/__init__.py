@@ -14,6 +14,7 @@ A rerun skips every finished stage (see loraflow/demo/pipeline.py for the layout
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from loraflow.demo.pipeline import SIZES, DemoConfig, run_pipeline
@@ -23,7 +24,9 @@ __all__ = ["DemoConfig", "add_arguments", "run", "run_pipeline"]
 
 def add_arguments(p) -> None:
     p.add_argument("--size", default="full", choices=sorted(SIZES), help="full (the README's numbers) or small (CI)")
-    p.add_argument("--out", default=None, help="output folder [outputs/demo, or outputs/demo-small for --size small]")
+    p.add_argument("--out-dir", dest="out", default=None,
+                   help="output folder [outputs/demo, or outputs/demo-small for --size small]")
+    p.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the old spelling, for one release
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the data order [0]")
     p.add_argument("--update-assets", nargs="?", const="assets", default=None, metavar="DIR",
                    help="also copy the gate heatmap to DIR/demo_gate_heatmap.png [assets]: only when refreshing the "

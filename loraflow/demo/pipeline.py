@@ -2,8 +2,8 @@
 
 Every stage uses loraflow's own code paths: the gate is trained by `loraflow.train.recipe.train` (the `loraflow train`
 recipe), LoRA-Hub's weights come from `loraflow.train.lorahub`, every method runs as a `FlowModel` (mode base / single /
-static / flow), generation is `loraflow.eval.generate` and scoring is `loraflow score --task mgsm`
-(`loraflow.eval.score`, the MGSM scorer) on data files in the MGSM test layout.
+static / flow), generation is `loraflow.eval.generate` and scoring is what `loraflow score --task mgsm` runs
+(`loraflow.eval.score.score_predictions`, the MGSM scorer) on data files in the MGSM test layout.
 
 Every stage writes into a temporary folder that is renamed into place once complete, with a `done.json` marker
 holding the hash of everything the stage depends on (its config fields, its inputs' hashes, `STAGE_VERSIONS`).
@@ -22,7 +22,6 @@ A rerun skips a stage whose marker matches and redoes it (and everything downstr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -33,17 +32,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.demo.methods import METHODS, load_flow, load_tokenizer, set_method
+from loraflow.data.records import split_path
+from loraflow.demo.methods import load_flow, load_tokenizer
 from loraflow.demo.training import LoopConfig, base_config, encode, pretrain_base, train_lora, world_tokenizer
 from loraflow.demo.world import World, dataset
 from loraflow.errors import LoraflowError
+from loraflow.eval.registry import LORA_ROLES, METHODS, apply_method
 from loraflow.files import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 # Bump a stage's version when its code changes what it produces: that stage and everything after it is redone.
 STAGE_VERSIONS = {"data": 7, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
-METHOD_LABELS = {"base": "Base model", "lang": "Single LoRA: language", "task": "Single LoRA: task",
-                 "average": "Fusion: average", "lorahub": "Fusion: LoRA-Hub", "flow": "Fusion: LoRA-Flow"}
-LORA_NAMES = ("lang_lora", "task_lora")  # fusion order as in the paper: language LoRA index 0, task LoRA index 1
+METHOD_LABELS = {name: method.title for name, method in METHODS.items()}
+LORA_NAMES = tuple(f"{role}_lora" for role in LORA_ROLES)  # fusion order as in the paper: language LoRA first
 LANGUAGES = ("xx", "en")  # the composite task (the other language) and the English sanity check
 
 
@@ -176,7 +176,7 @@ def make_data(cfg: DemoConfig, out: Path) -> dict:
         _write_jsonl(out / f"{name}.jsonl", rows)
     # the test sets in the MGSM layout `loraflow score --task mgsm` reads: question + answer string, ids = line index
     for lang, rows in (("xx", test), ("en", english_test)):
-        _write_jsonl(out / "test" / f"{lang}_math_test.jsonl",
+        _write_jsonl(split_path(out, lang, "math", "test"),
                      [{"question": r["prompt"], "answer": str(r["answer"]), "response": r["response"]} for r in rows])
     # for `loraflow eval` / scripts/eval.sh on these files (DATA_ROOT=outputs/demo/data); the demo's chat template
     # has no system turn, so the prompt is the same as the demo's own
@@ -251,7 +251,7 @@ def max_new_tokens(data: Path) -> int:
     """Room for the longest reference solution of the test sets, plus a margin."""
     tok = load_tokenizer(data / "tokenizer")
     longest = max(len(tok(r["response"], add_special_tokens=False)["input_ids"])
-                  for lang in LANGUAGES for r in read_jsonl(data / "test" / f"{lang}_math_test.jsonl"))
+                  for lang in LANGUAGES for r in read_jsonl(split_path(data, lang, "math", "test")))
     return longest + 8
 
 
@@ -259,26 +259,27 @@ def make_eval(cfg: DemoConfig, method: str, base: Path, loras: list[Path], gate:
               out: Path) -> dict:
     """Greedy generation (`loraflow.eval.generate`) on both test sets, scored by `loraflow score --task mgsm`."""
     from loraflow.data.prompts import chat_prompt
-    from loraflow.eval import score as scoring
     from loraflow.eval.generate import DecodeConfig, generate_predictions
+    from loraflow.eval.registry import resolve_task
+    from loraflow.eval.score import score_predictions
     from loraflow.train.lorahub import load_weights
 
     flow = load_flow(base, loras, gate_path(gate) if method == "flow" else None)
-    set_method(flow, method, load_weights(lorahub / "weights.json", flow.lora_names) if method == "lorahub" else None)
+    apply_method(flow, method, weights=load_weights(lorahub / "weights.json", flow.lora_names)
+                 if method == "lorahub" else None)
     tok = load_tokenizer(base)
     decode = DecodeConfig(max_new_tokens=max_new_tokens(data), batch_size=cfg.eval_batch, add_special_tokens=False)
     results = {}
     for lang in LANGUAGES:
-        test_file = data / "test" / f"{lang}_math_test.jsonl"
+        test_file = split_path(data, lang, "math", "test")
         items = [{"id": str(i), "task": "mgsm", "language": lang, "split": "test", "method": method,
                   "prompt": chat_prompt(tok, None, r["question"])} for i, r in enumerate(read_jsonl(test_file))]
         predictions = out / lang / "predictions.jsonl"
         predictions.parent.mkdir(parents=True, exist_ok=True)
         print(f"   {METHOD_LABELS[method]}, {lang}: generating {len(items)} answers", flush=True)
         generate_predictions(flow, tok, items, predictions, decode, progress=True)
-        scoring.run(argparse.Namespace(task="mgsm", predictions=predictions, data=test_file, data_root=data,
-                                       language=lang, allow_code_execution=False, timeout=3.0, workers=None))
-        results[lang] = read_json(out / lang / "results.json")["metrics"]
+        results[lang] = score_predictions(resolve_task("mgsm"), predictions, test_file, data_root=data,
+                                          language=lang)["metrics"]
     world = World(cfg.seed)
     rows = read_jsonl(out / "xx" / "predictions.scored.jsonl")
     shares = [l_word_share(world, r["generation"]) for r in rows]

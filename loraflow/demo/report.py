@@ -63,9 +63,10 @@ def dev_token_losses(cfg, out: Path, base: Path, loras: list[Path], gate: Path) 
     per kind of token (`token_type`): where each method fails to produce a composite answer."""
     import torch
 
-    from loraflow.demo.methods import load_flow, load_tokenizer, set_method
+    from loraflow.demo.methods import load_flow, load_tokenizer
     from loraflow.demo.training import encode
     from loraflow.demo.world import World
+    from loraflow.eval.registry import apply_method
     from loraflow.train.lorahub import load_weights
 
     world = World(cfg.seed)
@@ -75,7 +76,7 @@ def dev_token_losses(cfg, out: Path, base: Path, loras: list[Path], gate: Path) 
     weights = load_weights(out / "lorahub" / "weights.json", flow.lora_names)
     result = {}
     for method in ("lang", "task", "average", "lorahub", "flow"):
-        set_method(flow, method, weights)
+        apply_method(flow, method, weights=weights)
         totals: dict[str, list[float]] = {}
         with torch.no_grad():
             for ex in dev:

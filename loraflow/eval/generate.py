@@ -21,16 +21,17 @@ last line that a crash cut short (the file is rewritten atomically without it).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.errors import LoraflowError
+from loraflow.eval.predictions import PREDICTION_FIELDS, _dump, append_predictions, read_predictions
 from loraflow.files import atomic_write_text
 
-PREDICTION_FIELDS = ("id", "task", "language", "split", "method", "prompt", "generation")
+__all__ = ["PREDICTION_FIELDS", "DecodeConfig", "append_predictions", "generate", "generate_predictions",
+           "generate_texts", "read_predictions"]
 
 
 @dataclass(frozen=True)
@@ -204,60 +205,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], config: DecodeConfi
 
 
 # ---------------------------------------------------------------------------------------------- predictions.jsonl
-
-def _dump(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
-
-
-def read_predictions(path: str | os.PathLike, repair: bool = True) -> list[dict]:
-    """The rows of a predictions file, each id once (the first wins).
-
-    Only the last line can be a crash artefact (it is the only one written after the others were on disk): when it
-    is cut short it is dropped, and with `repair` the file is rewritten atomically without it (and without repeated
-    ids). Any other malformed line is an error naming `file:line`: something else wrote to the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    rows, seen, changed = [], set(), False
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        last = lineno == len(lines)  # no newline after it: the write may have stopped in the middle
-        try:
-            row = json.loads(line.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            missing = [f for f in ("id", "generation") if f not in row]
-            if missing:
-                raise ValueError(f"missing field(s) {', '.join(missing)}")
-        except (ValueError, UnicodeDecodeError) as e:
-            if last:
-                changed = True
-                continue
-            raise LoraflowError(f"{path}:{lineno}: not a prediction line ({e}); only a cut-short last line is "
-                                "repaired automatically: fix or delete the file") from None
-        row["id"] = str(row["id"])
-        if row["id"] in seen or last:
-            changed = True  # a repeated id, or a complete last line that lost its newline
-            if row["id"] in seen:
-                continue
-        seen.add(row["id"])
-        rows.append(row)
-    if changed and repair:
-        atomic_write_text(path, "".join(_dump(r) for r in rows))
-    return rows
-
-
-def append_predictions(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Append rows as one write, then flush and fsync: after this returns they survive a crash."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(_dump(r) for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-
 
 def generate_predictions(model, tokenizer, items: Sequence[dict], path: str | os.PathLike, config: DecodeConfig,
                          progress: bool = True) -> list[dict]:

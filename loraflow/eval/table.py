@@ -18,12 +18,14 @@ import sys
 from pathlib import Path
 
 from loraflow.errors import LoraflowError
+from loraflow.eval.registry import BENCHMARKS as REGISTRY
+from loraflow.eval.registry import METHODS
 from loraflow.files import atomic_write_text
 
 LANGUAGES = ("zh", "ru", "es")
-BENCHMARKS = (("mgsm", "MGSM", "accuracy"), ("humaneval", "HumanEval", "pass@1"))  # (task, title, headline metric)
-METHOD_TITLES = {"base": "Base model", "lang": "Single LoRA: language", "task": "Single LoRA: task",
-                 "average": "Fusion: average", "lorahub": "Fusion: LoRA-Hub", "flow": "Fusion: LoRA-Flow"}
+# (task, title, headline metric) of the paper's columns: the test benchmarks of the registry
+BENCHMARKS = tuple((b.name, b.title, b.metric) for b in (REGISTRY["mgsm"], REGISTRY["humaneval"]))
+METHOD_TITLES = {name: method.title for name, method in METHODS.items()}
 # Wang et al. (ACL 2024), Table 2: MGSM accuracy and HumanEval pass@1 in %, zh / ru / es / avg.
 PUBLISHED = {
     "base": {"mgsm": (4.4, 3.2, 2.4, 3.3), "humaneval": (0.0, 0.0, 2.4, 0.8)},
@@ -110,7 +112,7 @@ def render(rows: dict[tuple[str, str], dict[tuple[str, str], float]], published:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", help="folders searched for results.json (or results.json files)")
     p.add_argument("--split", default="test", choices=("test", "dev"), help="which split's results (test)")
-    p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--out", help="also write the table to this file (a file, not a folder)")
     p.add_argument("--no-published", action="store_true", help="leave out the published numbers")
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraflow.data.prompts import STYLE_ALIASES, STYLES, canonical_style
+from loraflow.devices import DEVICE_HELP, DTYPE_HELP, DTYPES, canonical_dtype, check_device, resolve_dtype
 from loraflow.errors import LoraflowError
 
 
@@ -45,7 +47,6 @@ PRESETS: dict[str, Preset] = {
     "ru_code": Preset(16, 1e-4, warmup_ratio=0.4),
     "es_code": Preset(4, 1e-3),
 }
-PROMPT_STYLES = ("llama2-chat", "chat-template")
 # How the best epoch is chosen (the gate exported as OUT_DIR/RUN_NAME.safetensors):
 #   dev-metric         the original: generate on the dev set after each epoch, score it as the original did (SPEC §3)
 #   dev-metric-strict  the same generations scored by the strict scorers (fixed golds, robust code extraction)
@@ -53,8 +54,9 @@ PROMPT_STYLES = ("llama2-chat", "chat-template")
 #   auto               dev-metric when the pair has a dev benchmark and dev data, else dev-loss
 SELECTIONS = ("auto", "dev-metric", "dev-metric-strict", "dev-loss")
 SCHEDULES = ("loraflow", "original")
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
+# Fields renamed for one flag per concept across commands; their old names (and values) are still read, for one
+# release: as flags (hidden), in --config files, and in the config.json of a run being resumed.
+RENAMED_FIELDS = {"precision": "dtype"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -81,8 +83,9 @@ class TrainConfig:
                                      "exists)")
     no_dev: bool = opt(False, "skip the dev loss even when a dev set exists", action="store_true")
     system_prompt: str | None = opt(None, "system prompt text (default: system_prompts.json's {language}_{task})")
-    prompt_style: str = opt("llama2-chat", "prompt format: llama2-chat (the original) or chat-template (the "
-                                           "tokenizer's own)", choices=PROMPT_STYLES)
+    prompt_style: str = opt("faithful", "prompt format: faithful (the original's Llama-2 [INST] text; its old name "
+                                        "llama2-chat is accepted) or chat-template (the tokenizer's own)",
+                            choices=(*STYLES, *STYLE_ALIASES))
     cot_suffix: bool = opt(True, "append the original's Chinese 'think step by step' (让我们一步一步地思考。) after "
                                  "[/INST] of every training prompt, as the released gates were trained",
                            action=argparse.BooleanOptionalAction)
@@ -129,9 +132,9 @@ class TrainConfig:
     lora_dropout: bool = opt(True, "keep the LoRAs' dropout active while training the gate, as the original did",
                              action=argparse.BooleanOptionalAction)
     # ---- hardware
-    device: str = opt("auto", "auto = cuda when available, else cpu", choices=DEVICES)
-    precision: str = opt("auto", "auto = bf16 weights + autocast on CUDA, fp32 on CPU (gates are always fp32)",
-                         choices=PRECISIONS)
+    device: str = opt("auto", DEVICE_HELP + " (cuda: each process its local rank's GPU)")
+    dtype: str = opt("auto", DTYPE_HELP + "; below float32 the forward runs under autocast",
+                     choices=("auto", *DTYPES))
     grad_ckpt: bool = opt(False, "gradient (activation) checkpointing: less memory, ~30% more compute",
                           action=argparse.BooleanOptionalAction)
     fsdp: bool = opt(False, "shard the frozen base with FSDP2 (for bases that do not fit one GPU); needs torchrun",
@@ -162,12 +165,11 @@ class TrainConfig:
                                 "LORA_ROOT/{language}_lora LORA_ROOT/{task}_lora")
         if self.loras is not None and len(self.loras) == 0:
             raise LoraflowError("--loras needs at least one LoRA")
-        if self.prompt_style not in PROMPT_STYLES:
-            raise LoraflowError(f"prompt_style {self.prompt_style!r}: choose one of {PROMPT_STYLES}")
-        if self.precision not in PRECISIONS:
-            raise LoraflowError(f"precision {self.precision!r}: choose one of {PRECISIONS}")
-        if self.device not in DEVICES:
-            raise LoraflowError(f"device {self.device!r}: choose one of {DEVICES}")
+        if self.prompt_style not in (*STYLES, *STYLE_ALIASES):
+            raise LoraflowError(f"prompt_style {self.prompt_style!r}: choose one of {STYLES}")
+        self.prompt_style = canonical_style(self.prompt_style)
+        self.dtype = canonical_dtype(self.dtype)
+        check_device(self.device)
         if self.select not in SELECTIONS:
             raise LoraflowError(f"select {self.select!r}: choose one of {SELECTIONS}")
         if self.schedule not in SCHEDULES:
@@ -227,7 +229,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------------ derived
     def resolve(self, world_size: int, device_type: str) -> TrainConfig:
-        """A copy with `batch_per_device`, `total_batch`, `world_size`, `device` and `precision` all set (what
+        """A copy with `batch_per_device`, `total_batch`, `world_size`, `device` and `dtype` all set (what
         config.json records); raises when the batch sizes cannot agree."""
         per_step = world_size * self.grad_accum  # micro-batches per optimizer step, over all processes
         bpd, total = self.batch_per_device, self.total_batch
@@ -246,9 +248,9 @@ class TrainConfig:
             raise LoraflowError(f"this config was resolved for {self.world_size} processes, not {world_size}")
         if self.resume and self.overwrite:
             raise LoraflowError("--resume and --overwrite contradict each other")
-        precision = self.precision if self.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+        dtype = resolve_dtype(self.dtype, device_type)
         return dataclasses.replace(self, batch_per_device=bpd, total_batch=bpd * per_step, world_size=world_size,
-                                   device=device_type, precision=precision)
+                                   device=device_type, dtype=dtype)
 
     @property
     def pair(self) -> str | None:
@@ -311,12 +313,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f"(default: {f.default})" if f.default is not None else ""
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} {default}".strip().replace("%", "%%"), **kwargs)
+    for old, new in RENAMED_FIELDS.items():  # hidden: the old spellings, for one release
+        parser.add_argument("--" + old.replace("_", "-"), dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def upgrade_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """Field values under their current names and values (`precision: bf16` -> `dtype: bfloat16`, `llama2-chat` ->
+    `faithful`): what an older --config file or config.json said, read by this release."""
+    out = {RENAMED_FIELDS.get(k, k): v for k, v in values.items()}
+    if isinstance(out.get("dtype"), str):
+        out["dtype"] = canonical_dtype(out["dtype"])
+    if out.get("prompt_style") in STYLE_ALIASES:
+        out["prompt_style"] = STYLE_ALIASES[out["prompt_style"]]
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     values.update({f.name: getattr(args, f.name) for f in cli_fields() if hasattr(args, f.name)})
-    return TrainConfig(**values)
+    return TrainConfig(**upgrade_fields(values))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -348,6 +363,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = RENAMED_FIELDS.get(name, name)
         if name not in fields:
             raise LoraflowError(f"{path}: unknown field {key!r}; fields: {', '.join(fields)}")
         kind = fields[name].metadata.get("type")

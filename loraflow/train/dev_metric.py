@@ -33,8 +33,8 @@ from loraflow.errors import LoraflowError
 
 
 def check_dev_metric_config(cfg) -> None:
-    """What a dev-metric selection needs, checked before anything is loaded (a `TrainConfig`)."""
-    from loraflow.eval.tasks import resolve_task
+    """What `--dev-metric` needs, checked before anything is loaded (a `TrainConfig`)."""
+    from loraflow.eval.registry import require_code_execution, resolve_task
 
     if not cfg.dev_metric:
         return
@@ -46,10 +46,7 @@ def check_dev_metric_config(cfg) -> None:
     except LoraflowError:
         raise LoraflowError(f"{flag}: there is no dev benchmark for task {cfg.task!r} (math or code); select the "
                             "epoch by dev loss (--select dev-loss)") from None
-    if task.needs_execution and not cfg.allow_code_execution:
-        raise LoraflowError(f"{flag} on {task.name} (the original recipe) runs the programs the model writes: pass "
-                            "--allow-code-execution to allow it (loraflow's sandbox: a separate, resource-limited "
-                            "process, which is not a security boundary), or --select dev-loss")
+    require_code_execution(task, cfg.allow_code_execution, f"{flag} (or --select dev-loss): ")
     if cfg.fsdp:
         raise LoraflowError(f"{flag} does not work with --fsdp (generation on a sharded base); use --select dev-loss "
                             "and choose the epoch afterwards with scripts/eval.sh SPLIT=dev on each epoch_N gate")
@@ -101,7 +98,7 @@ def gate_temperature(flow, temperature: float | None):
 class DevMetric:
     """The dev benchmark of one run: items with their prompts, how to decode and score, where the data is."""
 
-    task: object  # loraflow.eval.tasks.EvalTask
+    task: object  # loraflow.eval.registry.Benchmark
     language: str
     data: str  # the dev data file
     items: list[dict]  # {"id", "prompt"}
@@ -109,7 +106,7 @@ class DevMetric:
     tokenizer: object
     allow_code_execution: bool
     name: str  # the metric of results.json that selects: "accuracy", "pass@1", or their `_strict` twins
-    temperature: float | None = None  # gate temperature while generating
+    temperature: float | None = None  # --dev-temperature (None: the registry's default for the pair)
     fp32: bool = True  # generate with the model cast to fp32
 
     def __call__(self, flow, info, out_dir: Path) -> float:
@@ -117,13 +114,17 @@ class DevMetric:
         import torch
         import torch.distributed as dist
 
+        from loraflow.eval import score
         from loraflow.eval.generate import generate_texts
-        from loraflow.eval.run import score
-        from loraflow.files import atomic_write_text
+        from loraflow.eval.predictions import write_predictions
+        from loraflow.eval.registry import resolve_temperature
 
+        # the one temperature rule: --dev-temperature if given, else the pair's evaluation default (the original
+        # scored the dev set like the test set, SPEC §3: 1.1 for zh/ru math), not the gate's training temperature
+        temperature, source = resolve_temperature(self.temperature, None, self.language, self.task.domain)
         mine = list(range(info.rank, len(self.items), info.world_size))
         with running_in(flow, torch.float32) if self.fp32 else nullcontext(), \
-                gate_temperature(flow, self.temperature):
+                gate_temperature(flow, temperature):
             texts = generate_texts(flow, self.tokenizer, [self.items[i]["prompt"] for i in mine], self.decode)
         pairs = list(zip(mine, texts))
         if info.enabled:
@@ -132,8 +133,6 @@ class DevMetric:
             pairs = [p for part in gathered for p in part]
         value = [None]
         if info.master:
-            import json
-
             by_index = dict(pairs)
             rows = []
             for i, item in enumerate(self.items):
@@ -144,8 +143,10 @@ class DevMetric:
                              "method": "flow", "prompt": item["prompt"], **generation})
             out_dir.mkdir(parents=True, exist_ok=True)
             predictions = out_dir / "predictions.jsonl"
-            atomic_write_text(predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            results = score(self.task, predictions, self.data, None, self.language, self.allow_code_execution)
+            write_predictions(predictions, rows)
+            results = score.score_predictions(self.task, predictions, self.data, data_root=None,
+                                              language=self.language, allow_code_execution=self.allow_code_execution,
+                                              config={"temperature": temperature, "temperature_source": source})
             value = [float(results["metrics"][self.name])]
         if info.enabled:
             dist.broadcast_object_list(value, src=0)
@@ -158,21 +159,17 @@ def build_dev_metric(cfg, tokenizer) -> DevMetric | None:
     if not cfg.dev_metric:
         return None
     from loraflow.eval.generate import DecodeConfig
-    from loraflow.eval.run import default_temperature
-    from loraflow.eval.tasks import build_prompt, load_records, load_system_prompts, prompt_has_bos, resolve_task
+    from loraflow.eval.registry import build_prompt, load_records, load_system_prompts, prompt_has_bos, resolve_task
 
     task = resolve_task(cfg.task, "dev")
     records, source = load_records(task, cfg.language, cfg.data_root, cfg.dev_file)
     records = records[:cfg.dev_limit]
-    style = "faithful" if cfg.prompt_style == "llama2-chat" else "chat-template"
     system_prompts = load_system_prompts(cfg.data_root)
-    prompts = [build_prompt(task, r, cfg.language, style, system_prompts, tokenizer) for r in records]
+    prompts = [build_prompt(task, r, cfg.language, cfg.prompt_style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.dev_batch_size, stop=task.stop,
                           add_special_tokens=not prompt_has_bos(tokenizer, prompts[0]),
-                          original_view=style == "faithful")
+                          original_view=cfg.prompt_style == "faithful")
     items = [{"id": str(r["id"]), "prompt": p} for r, p in zip(records, prompts)]
     name = task.metrics[0] + ("_strict" if cfg.select == "dev-metric-strict" else "")
-    temperature = cfg.dev_temperature if cfg.dev_temperature is not None else default_temperature(cfg.language,
-                                                                                                  task.domain)
     return DevMetric(task, cfg.language, source, items, decode, tokenizer, cfg.allow_code_execution, name,
-                     temperature=temperature, fp32=cfg.dev_fp32)
+                     temperature=cfg.dev_temperature, fp32=cfg.dev_fp32)

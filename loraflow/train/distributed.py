@@ -43,14 +43,18 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
     environment): nccl on CUDA, gloo on CPU. Without torchrun: one process, no process group."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise LoraflowError("device cuda asked for, but this torch sees no CUDA GPU (torch.cuda.is_available() is "
-                            "False); use --device cpu")
+        raise LoraflowError(f"device {device} asked for, but this torch sees no CUDA GPU (torch.cuda.is_available() "
+                            "is False); use --device cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if ":" in device and "RANK" in os.environ:
+        raise LoraflowError(f"--device {device}: under torchrun each process takes its local rank's GPU; use "
+                            "--device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = int(device.split(":")[1]) if ":" in device else local_rank  # cuda:N: one process on GPU N
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if "RANK" not in os.environ:  # plain `python -m loraflow.cli train`

@@ -32,11 +32,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loraflow import __version__
 from loraflow.data.records import IGNORE_INDEX, collate
+from loraflow.devices import torch_dtype
 from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json
-from loraflow.train.config import TrainConfig, add_arguments, config_from_args, lr_at, original_steps, schedule_steps
+from loraflow.train.config import (
+    TrainConfig,
+    add_arguments,
+    config_from_args,
+    lr_at,
+    original_steps,
+    schedule_steps,
+    upgrade_fields,
+)
 from loraflow.train.dev_metric import DevMetric, build_dev_metric
 from loraflow.train.distributed import (
     DistInfo,
@@ -60,6 +68,7 @@ from loraflow.train.state import (
     save_training_state,
     set_rng_state,
 )
+from loraflow.versions import versions
 
 KILL_AFTER_STEP = "LORAFLOW_TEST_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that optimizer step
 # Fields a resumed run may change; anything else must match the saved config (it changes the numbers).
@@ -113,10 +122,10 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def load_model(cfg: TrainConfig, info: DistInfo):
-    """Base + LoRAs (frozen, in `cfg.precision`) + fresh fp32 gates; FSDP-sharded with --fsdp."""
+    """Base + LoRAs (frozen, in `cfg.dtype`) + fresh fp32 gates; FSDP-sharded with --fsdp."""
     from loraflow.fusion.model import FlowModel
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype = torch_dtype(cfg.dtype)
     flow = FlowModel.from_pretrained(cfg.base_model, cfg.lora_sources(), torch_dtype=dtype,
                                      device=None if cfg.fsdp else info.device)
     flow.model.config.use_cache = False
@@ -232,7 +241,7 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
         f"{per_epoch} steps/epoch × {cfg.epochs} epochs, lr {cfg.lr:g}, warm-up {cfg.warmup_ratio:g}")
     log(f"[train] trainable parameters: {n_params:,} (gates: {flow.num_layers} layers × k={flow.k} × "
         f"(hidden {flow.hidden_size} + 1))")
-    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+    autocast = (torch.autocast(info.device.type, dtype=torch_dtype(cfg.dtype)) if cfg.dtype != "float32"
                 else nullcontext())
     kill_after = int(os.environ.get(KILL_AFTER_STEP, "0"))
 
@@ -408,7 +417,7 @@ def data_fingerprint(examples: list[dict]) -> str:
 
 
 def check_resumable(trainer: dict, cfg: TrainConfig, fingerprint: str, run_dir: Path) -> None:
-    saved, now = trainer["config"], cfg.to_dict()
+    saved, now = upgrade_fields(trainer["config"]), cfg.to_dict()
     changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -416,9 +425,3 @@ def check_resumable(trainer: dict, cfg: TrainConfig, fingerprint: str, run_dir: 
                             "with the same ones, or start a new run")
     if trainer.get("data_fingerprint") != fingerprint:
         raise LoraflowError(f"--resume: the training data differ from those the run in {run_dir} started with")
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"loraflow": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
