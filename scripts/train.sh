@@ -17,6 +17,10 @@
 #   DATA_ROOT   [data]                        train/ dev/ system_prompts.json (bash scripts/prepare_data.sh)
 #   OUT_DIR     [checkpoints/gates]           run folder $OUT_DIR/<language>_<task>/, best gate $OUT_DIR/<language>_<task>.safetensors
 #   MAX_LEN     [4096]                        longest example in tokens (longer prompts are cut from the left)
+#   PROMPT_STYLE [faithful]                   faithful (= llama2-chat: the original [INST] prompts, for Llama-2)
+#                                             or chat-template (the tokenizer's own, for other base models)
+#   MAX_STEPS   [all]                         stop after N optimizer steps (smoke tests; --resume finishes later)
+#   LIMIT       [all]                         train on the first N examples only
 #   SEED        [0]                           data order and dropout seed
 #   GRAD_CKPT   [0]                           1 = gradient checkpointing (less memory, more compute)
 #   FSDP        [0]                           1 = shard the frozen base over the processes (FSDP2)
@@ -43,6 +47,9 @@ LORA_ROOT="${LORA_ROOT:-checkpoints/LoRAs}"
 DATA_ROOT="${DATA_ROOT:-data}"
 OUT_DIR="${OUT_DIR:-checkpoints/gates}"
 MAX_LEN="${MAX_LEN:-4096}"
+PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
+MAX_STEPS="${MAX_STEPS:-}"
+LIMIT="${LIMIT:-}"
 SEED="${SEED:-0}"
 GRAD_CKPT="${GRAD_CKPT:-0}"
 FSDP="${FSDP:-0}"
@@ -66,6 +73,13 @@ else
 fi
 
 FLAGS=()
+case "$PROMPT_STYLE" in
+  faithful|llama2-chat) FLAGS+=(--prompt-style llama2-chat) ;;  # eval.sh's name for the original prompts
+  chat-template) FLAGS+=(--prompt-style chat-template) ;;
+  *) echo "error: PROMPT_STYLE=$PROMPT_STYLE: choose faithful (llama2-chat) or chat-template" >&2; exit 2 ;;
+esac
+[ -n "$MAX_STEPS" ] && FLAGS+=(--max-steps "$MAX_STEPS")
+[ -n "$LIMIT" ] && FLAGS+=(--limit "$LIMIT")
 [ "$GRAD_CKPT" = 1 ] && FLAGS+=(--grad-ckpt)
 [ "$FSDP" = 1 ] && FLAGS+=(--fsdp)
 
