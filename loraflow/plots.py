@@ -168,6 +168,7 @@ def add_arguments(p) -> None:
     p.add_argument("--base", required=True, help="base model (folder or hub id)")
     p.add_argument("--loras", nargs="+", required=True, help="LoRA folders or hub ids, in fusion order")
     p.add_argument("--gate", required=True, help="gate: loraflow folder / .safetensors, or an original .pt")
+    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base folder or hub repo (dequantized)")
     p.add_argument("--tokenizer", help="tokenizer (default: --base)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="plot the weights while generating from this prompt")
@@ -182,16 +183,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
+    from .bases import load_base_tokenizer
     from .files import read_jsonl
     from .model import FlowModel
 
     _pyplot()  # fail before loading a model when matplotlib is missing
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     flow = FlowModel.from_pretrained(args.base, loras=args.loras, gate=args.gate, temperature=args.temperature,
-                                     device=device)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+                                     device=device, gguf_file=args.gguf_file)
+    tok = load_base_tokenizer(args.tokenizer) if args.tokenizer else load_base_tokenizer(args.base, args.gguf_file)
     out = Path(args.out)
     if args.prompt is not None:
         weights, tokens = record_generation(flow, tok, args.prompt, args.max_new_tokens)

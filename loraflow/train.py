@@ -102,14 +102,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
+    from .bases import load_base_tokenizer
 
-    source = cfg.tokenizer or cfg.base_model
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise LoraflowError(f"cannot load a tokenizer from {source!r}: {e}. Pass --tokenizer, or save one with the "
-                            "base model") from None
+    if cfg.tokenizer:
+        return load_base_tokenizer(cfg.tokenizer)
+    return load_base_tokenizer(cfg.base_model, gguf_file=cfg.gguf_file)
 
 
 def load_model(cfg: TrainConfig, info: DistInfo):
@@ -118,7 +115,7 @@ def load_model(cfg: TrainConfig, info: DistInfo):
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     flow = FlowModel.from_pretrained(cfg.base_model, cfg.lora_sources(), torch_dtype=dtype,
-                                     device=None if cfg.fsdp else info.device)
+                                     device=None if cfg.fsdp else info.device, gguf_file=cfg.gguf_file)
     flow.model.config.use_cache = False
     if cfg.grad_ckpt:
         flow.gradient_checkpointing_enable()

@@ -27,7 +27,8 @@
 #   NPROC       [1]                           CPU processes when there is no GPU
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]   passed to torchrun for multi-node runs
 #   PYTHON      [.venv/bin/python if it exists, else python3]   the interpreter whose torch and loraflow are used
-#   TORCHRUN    [$PYTHON -m torch.distributed.run]    the launcher (the venv's, not a torchrun found on PATH)
+#   TORCHRUN    [$PYTHON -m loraflow.launch]  the launcher: torchrun's, but a worker's bad-input error is printed as
+#                                             the last line (`error: ...`, exit status 2) instead of torchrun's report
 set -euo pipefail
 
 if [ "$#" -lt 5 ]; then
@@ -57,7 +58,7 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
-if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m torch.distributed.run); fi
+if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m loraflow.launch); fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   DEVICE=cuda

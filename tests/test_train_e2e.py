@@ -59,7 +59,7 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     echoed = next(line for line in proc.stderr.splitlines() if line.startswith("+ "))
-    assert "-m torch.distributed.run" in echoed and "--nproc_per_node 2" in echoed and "--batch-per-device 2" in echoed
+    assert "-m loraflow.launch" in echoed and "--nproc_per_node 2" in echoed and "--batch-per-device 2" in echoed
     run = out / "zh_math"
     for name in ("config.json", "summary.json", "metrics.jsonl", "epoch_1/gate.safetensors",
                  "epoch_3/gate.json", "final/gate.safetensors", "state/rng_rank1.pt"):

@@ -47,8 +47,8 @@ METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 # Gate temperature at inference (SPEC §1): the original used 1.1 for these gates, 1.0 for the others.
 DEFAULT_TEMPERATURES = {("zh", "math"): 1.1, ("ru", "math"): 1.1}
 # run.json keys that change generations: a rerun that differs in one of them may not reuse the predictions
-GENERATION_KEYS = ("task", "language", "split", "method", "base", "loras", "gate", "gate_sha256", "temperature",
-                   "static_weights", "prompt_style", "decode", "dtype")
+GENERATION_KEYS = ("task", "language", "split", "method", "base", "gguf_file", "loras", "gate", "gate_sha256",
+                   "temperature", "static_weights", "prompt_style", "decode", "dtype")
 
 
 def default_temperature(language: str, domain: str) -> float:
@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=METHODS, help="fusion method (see above)")
     p.add_argument("--gate", help="gate for --method flow: a loraflow gate (folder or .safetensors) or an original .pt")
     p.add_argument("--base", required=True, help="base model: a folder or hub id (its tokenizer is used)")
+    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base folder or hub repo (dequantized)")
     p.add_argument("--lora-root", default="checkpoints/LoRAs", help="holds {lang}_lora and {task}_lora")
     p.add_argument("--lang-lora", help="the language LoRA (default: LORA_ROOT/{lang}_lora)")
     p.add_argument("--task-lora", help="the task LoRA (default: LORA_ROOT/{task}_lora)")
@@ -200,9 +201,9 @@ def load_model(args, plan: dict, device: str, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     if args.method == "base":
-        from transformers import AutoModelForCausalLM
+        from ..bases import load_base_model
 
-        return AutoModelForCausalLM.from_pretrained(args.base, dtype=torch_dtype).to(device).eval()
+        return load_base_model(args.base, args.gguf_file, dtype=torch_dtype).to(device).eval()
     from ..model import FlowModel
 
     k = len(plan["loras"])
@@ -212,7 +213,8 @@ def load_model(args, plan: dict, device: str, dtype: str):
         "lorahub": {"mode": "static", "static_weights": [1.0 / k] * k},  # replaced by the searched weights
         "flow": {"mode": "flow", "gate": args.gate, "temperature": plan["temperature"]},
     }[args.method]
-    return FlowModel.from_pretrained(args.base, plan["loras"], torch_dtype=torch_dtype, device=device, **kwargs)
+    return FlowModel.from_pretrained(args.base, plan["loras"], torch_dtype=torch_dtype, device=device,
+                                     gguf_file=args.gguf_file, **kwargs)
 
 
 def lorahub_examples(args, plan: dict, tokenizer) -> list[dict]:
@@ -264,9 +266,9 @@ def run(args) -> int:
     records, data_source = load_records(task, language, args.data_root, args.data)
     if args.limit:
         records = records[:args.limit]
-    from transformers import AutoTokenizer
+    from ..bases import load_base_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    tokenizer = load_base_tokenizer(args.base, args.gguf_file)
     system_prompts = load_system_prompts(args.data_root) if args.data_root else {}
     prompts = [build_prompt(task, r, language, args.prompt_style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(**{**asdict(decode), "add_special_tokens": not prompt_has_bos(tokenizer, prompts[0])})
@@ -275,7 +277,7 @@ def run(args) -> int:
     out = run_dir(args.out_dir, task, language, name)
     predictions, run_json = out / "predictions.jsonl", out / "run.json"
     config = {"task": task.name, "language": language, "split": task.split, "method": args.method, "name": name,
-              "base": str(args.base), "loras": plan["loras"], "gate": args.gate,
+              "base": str(args.base), "gguf_file": args.gguf_file, "loras": plan["loras"], "gate": args.gate,
               "gate_sha256": _sha256(Path(args.gate)) if args.gate else None, "temperature": plan["temperature"],
               "prompt_style": args.prompt_style, "decode": asdict(decode), "dtype": dtype, "device": device,
               "data": data_source, "limit": args.limit}
