@@ -253,3 +253,37 @@ def test_eval_sh_on_smollm2(real, trained, loraflow_data, tmp_path, task, method
         assert all("[INST]" in r["prompt"] for r in rows)
     results = json.loads((folder / "results.json").read_text())
     assert results["counts"]["ids_scored"] == 2 and results["config"]["prompt_style"] == style
+
+
+# ---------------------------------------------------------------------------------------------------------- GGUF
+def test_the_converted_folder_is_a_plain_hf_model(smollm2):
+    from safetensors import safe_open
+
+    from loraflow.gguf import SOURCE_FILE, sha256_file, smollm2_gguf
+
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
+    source = json.loads((smollm2 / SOURCE_FILE).read_text())
+    assert source["sha256"] == sha256_file(smollm2_gguf()) and source["dtype"] == "float32"
+    with safe_open(smollm2 / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys and len(keys) == 2 + 30 * 9
+    assert "<|im_start|>" in (smollm2 / "chat_template.jinja").read_text()
+
+
+def test_eval_on_the_gguf_file_equals_eval_on_the_converted_folder(real, trained, loraflow_data, tmp_path):
+    """`--base FOLDER --gguf-file NAME` (tokenizer and model read from the GGUF, dequantized) generates what the
+    converted folder does."""
+    from loraflow.cli import main
+    from loraflow.gguf import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    common = ["eval", "--task", "math", "--language", "zh", "--method", "flow", "--gate", str(trained[1] / "final"),
+              "--lora-root", str(real["lora_root"]), "--data-root", str(loraflow_data), "--limit", "1",
+              "--max-new-tokens", "4", "--prompt-style", "chat-template", "--no-progress"]
+    assert main([*common, "--base", str(gguf.parent), "--gguf-file", gguf.name, "--out-dir", str(tmp_path / "g")]) == 0
+    assert main([*common, "--base", str(real["base"]), "--out-dir", str(tmp_path / "hf")]) == 0
+    rows = [json.loads((tmp_path / out / "mgsm_zh" / "flow" / "predictions.jsonl").read_text()) for out in ("g", "hf")]
+    assert rows[0]["prompt"] == rows[1]["prompt"] and rows[0]["generation"] == rows[1]["generation"]
+    assert json.loads((tmp_path / "g" / "mgsm_zh" / "flow" / "run.json").read_text())["gguf_file"] == gguf.name
