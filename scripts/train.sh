@@ -23,13 +23,18 @@
 #   DATA_ROOT   [data]                        train/ dev/ system_prompts.json (bash scripts/prepare_data.sh)
 #   OUT_DIR     [checkpoints/gates]           run folder $OUT_DIR/<language>_<task>/, best gate $OUT_DIR/<language>_<task>.safetensors
 #   MAX_LEN     [4096]                        longest example in tokens (longer prompts are cut from the left)
+#   PROMPT_STYLE [faithful]                   faithful (= llama2-chat: the original [INST] prompts, for Llama-2)
+#                                             or chat-template (the tokenizer's own, for other base models)
+#   MAX_STEPS   [all]                         stop after N optimizer steps (smoke tests; --resume finishes later)
+#   LIMIT       [all]                         train on the first N examples only
 #   SEED        [0]                           data order and dropout seed
 #   GRAD_CKPT   [0]                           1 = gradient checkpointing (less memory, more compute)
 #   FSDP        [0]                           1 = shard the frozen base over the processes (FSDP2)
 #   NPROC       [1]                           CPU processes when there is no GPU
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]   passed to torchrun for multi-node runs
 #   PYTHON      [.venv/bin/python if it exists, else python3]   the interpreter whose torch and loraflow are used
-#   TORCHRUN    [$PYTHON -m torch.distributed.run]    the launcher (the venv's, not a torchrun found on PATH)
+#   TORCHRUN    [$PYTHON -m loraflow.launch]  the launcher: torchrun's, but a worker's bad-input error is printed as
+#                                             the last line (`error: ...`, exit status 2) instead of torchrun's report
 set -euo pipefail
 
 if [ "$#" -lt 5 ]; then
@@ -49,6 +54,9 @@ LORA_ROOT="${LORA_ROOT:-checkpoints/LoRAs}"
 DATA_ROOT="${DATA_ROOT:-data}"
 OUT_DIR="${OUT_DIR:-checkpoints/gates}"
 MAX_LEN="${MAX_LEN:-4096}"
+PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
+MAX_STEPS="${MAX_STEPS:-}"
+LIMIT="${LIMIT:-}"
 SEED="${SEED:-0}"
 GRAD_CKPT="${GRAD_CKPT:-0}"
 FSDP="${FSDP:-0}"
@@ -56,7 +64,7 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
-if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m torch.distributed.run); fi
+if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m loraflow.launch); fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   DEVICE=cuda
@@ -72,6 +80,13 @@ else
 fi
 
 FLAGS=()
+case "$PROMPT_STYLE" in
+  faithful|llama2-chat) FLAGS+=(--prompt-style faithful) ;;  # llama2-chat: the old name
+  chat-template) FLAGS+=(--prompt-style chat-template) ;;
+  *) echo "error: PROMPT_STYLE=$PROMPT_STYLE: choose faithful (llama2-chat) or chat-template" >&2; exit 2 ;;
+esac
+[ -n "$MAX_STEPS" ] && FLAGS+=(--max-steps "$MAX_STEPS")
+[ -n "$LIMIT" ] && FLAGS+=(--limit "$LIMIT")
 if [ "$TASK" = code ]; then
   echo "[train.sh] code: the dev metric runs the programs the model writes (loraflow's sandbox); passing --allow-code-execution" >&2
   FLAGS+=(--allow-code-execution)

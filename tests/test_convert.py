@@ -349,3 +349,15 @@ def test_bad_shape_in_a_late_pickle_shard_writes_nothing(base, base_config, tmp_
     with pytest.raises(LoraflowError, match=r"model\.norm\.weight has shape \(65,\), expected \(64,\)"):
         convert_base(src, tmp_path / "mc", "modelcenter", max_shard_size="10KB")
     assert not (tmp_path / "mc").exists() and not _leftovers(tmp_path)
+
+
+def test_convert_base_from_gguf_checks_its_arguments(tmp_path, capsys):
+    from loraflow.cli import main
+
+    assert main(["convert", "base", "--from", "gguf", "--to", "modelcenter", "x.gguf", str(tmp_path / "o")]) == 2
+    assert "writes a Hugging Face folder, not --to modelcenter" in capsys.readouterr().err
+    assert main(["convert", "base", "--from", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "o")]) == 2
+    assert f"error: {tmp_path / 'missing.gguf'}: no such GGUF file" in capsys.readouterr().err
+    assert main(["convert", "base", str(tmp_path), str(tmp_path / "o")]) == 2
+    assert "give --to modelcenter or --to hf (or --from gguf)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

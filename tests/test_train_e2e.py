@@ -59,7 +59,7 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     echoed = next(line for line in proc.stderr.splitlines() if line.startswith("+ "))
-    assert "-m torch.distributed.run" in echoed and "--nproc_per_node 2" in echoed and "--batch-per-device 2" in echoed
+    assert "-m loraflow.launch" in echoed and "--nproc_per_node 2" in echoed and "--batch-per-device 2" in echoed
     run = out / "zh_math"
     for name in ("config.json", "summary.json", "metrics.jsonl", "epoch_1/gate.safetensors",
                  "epoch_3/gate.json", "final/gate.safetensors", "state/rng_rank1.pt"):
@@ -129,13 +129,13 @@ def test_killed_run_resumes_to_the_same_gate(world, tmp_path):
 
 
 PLANT = '''import os
-from loraflow.eval import run as eval_run
-planted, real, calls = [float(v) for v in os.environ["PLANTED_DEV_METRICS"].split(",")], eval_run.score, []
+from loraflow.eval import score as scoring
+planted, real, calls = [float(v) for v in os.environ["PLANTED_DEV_METRICS"].split(",")], scoring.score_predictions, []
 def score(*args, **kwargs):
     results = real(*args, **kwargs)
     calls.append(results)
     return {**results, "metrics": {**results["metrics"], "accuracy": planted[len(calls) - 1]}}
-eval_run.score = score
+scoring.score_predictions = score
 '''
 
 

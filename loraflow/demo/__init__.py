@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the data order [0]")
     p.add_argument("--update-assets", nargs="?", const="assets", default=None, metavar="DIR",
                    help="also copy the gate heatmap to DIR/demo_gate_heatmap.png [assets]: only when refreshing the "
-                        "README; without it the run writes under --out only")
+                        "README; without it the run writes under --out-dir only")
     p.add_argument("--no-plots", action="store_true", help="skip the gate-weight plots (no matplotlib needed)")
 
 

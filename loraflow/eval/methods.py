@@ -17,21 +17,23 @@ from loraflow.eval.registry import Benchmark, apply_method, get_method, load_sys
 
 def load_method_model(base_model: str, method: str, loras: Sequence[str], *, gate: str | None = None,
                       temperature: float | None = None, dtype: str = "float32", device: str = "cpu",
-                      check_lora_names: bool = True):
+                      check_lora_names: bool = True, gguf_file: str | None = None):
     """The model of one method: the plain base for `base`, else a FlowModel on `loras` (the method's own, in
-    fusion order) under the method. `lorahub` starts from the average until its searched weights are set."""
+    fusion order) under the method. `lorahub` starts from the average until its searched weights are set.
+    `gguf_file`: the base is that GGUF file in `base_model`'s folder or repo."""
     from loraflow.devices import torch_dtype
 
     m = get_method(method)
     if m.mode == "base":
-        from transformers import AutoModelForCausalLM
+        from loraflow.bases import load_base_model
 
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype(dtype)).to(device).eval()
+        return load_base_model(base_model, gguf_file, dtype=torch_dtype(dtype)).to(device).eval()
     from loraflow.fusion.model import FlowModel
 
     flow = FlowModel.from_pretrained(base_model, list(loras), gate=gate if m.mode == "flow" else None,
                                      temperature=temperature, torch_dtype=torch_dtype(dtype), device=device,
-                                     mode="base", check_lora_names=check_lora_names)
+                                     mode="base", check_lora_names=check_lora_names,
+                                     gguf_file=gguf_file)
     k = len(loras)
     apply_method(flow, method, roles=m.loras, weights=[1.0 / k] * k if m.weights == "searched" else None)
     return flow

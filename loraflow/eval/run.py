@@ -53,8 +53,8 @@ from loraflow.files import atomic_write_json, atomic_write_text, read_json
 from loraflow.versions import versions
 
 # run.json keys that change generations: a rerun that differs in one of them may not reuse the predictions
-GENERATION_KEYS = ("task", "language", "split", "method", "base", "loras", "gate", "gate_sha256", "temperature",
-                   "static_weights", "prompt_style", "variant", "decode", "dtype")
+GENERATION_KEYS = ("task", "language", "split", "method", "base", "gguf_file", "loras", "gate", "gate_sha256",
+                   "temperature", "static_weights", "prompt_style", "variant", "decode", "dtype")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class EvalConfig:
     language: str
     method: str
     base_model: str
+    gguf_file: str | None = None
     split: str | None = None
     gate: str | None = None
     lora_root: str = "checkpoints/LoRAs"
@@ -108,6 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", help="gate for --method flow: a loraflow gate (folder or .safetensors) or an original .pt")
     p.add_argument("--base-model", dest="base_model", help="base model: a folder or hub id (its tokenizer is used)")
     p.add_argument("--base", dest="base_model", help=argparse.SUPPRESS)  # the old spelling, for one release
+    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base folder or hub repo (dequantized)")
     p.add_argument("--lora-root", default="checkpoints/LoRAs", help="holds {lang}_lora and {task}_lora")
     p.add_argument("--lang-lora", help="the language LoRA (default: LORA_ROOT/{lang}_lora)")
     p.add_argument("--task-lora", help="the task LoRA (default: LORA_ROOT/{task}_lora)")
@@ -249,9 +251,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         records = repaired_records(records, load_english_humaneval(), data_source)
     if cfg.limit:
         records = records[:cfg.limit]
-    from transformers import AutoTokenizer
+    from loraflow.bases import load_base_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    tokenizer = load_base_tokenizer(cfg.base_model, cfg.gguf_file)
     system_prompts = load_system_prompts(cfg.data_root) if cfg.data_root else {}
     prompts = [build_prompt(task, r, language, style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(**{**asdict(decode), "add_special_tokens": not prompt_has_bos(tokenizer, prompts[0]),
@@ -262,7 +264,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = run_dir(cfg.out_dir, task, language, name)
     predictions, run_json = out / "predictions.jsonl", out / "run.json"
     config = {"task": task.name, "language": language, "split": task.split, "method": cfg.method, "name": name,
-              "base": str(cfg.base_model), "loras": plan["loras"], "gate": cfg.gate,
+              "base": str(cfg.base_model), "gguf_file": cfg.gguf_file,
+              "loras": plan["loras"], "gate": cfg.gate,
               "gate_sha256": gate_sha256(cfg.gate) if cfg.gate else None, "temperature": plan["temperature"],
               "temperature_source": plan["temperature_source"],
               "prompt_style": style, "variant": cfg.variant, "decode": asdict(decode), "dtype": dtype, "device": device,
@@ -284,7 +287,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if todo:
         model = load_method_model(cfg.base_model, cfg.method, plan["loras"], gate=cfg.gate,
                                   temperature=plan["temperature"], dtype=dtype, device=device,
-                                  check_lora_names=cfg.check_lora_names)
+                                  check_lora_names=cfg.check_lora_names, gguf_file=cfg.gguf_file)
         ran = base_dtype(model)
         if ran != dtype:
             raise LoraflowError(f"asked for --dtype {dtype}, but the loaded model's weights are {ran}")

@@ -75,9 +75,15 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def parse_source(source: str | os.PathLike) -> tuple[str, str | None, str | None]:
     """`owner/repo[/sub/folder][@revision]` -> (repo_id, subfolder, revision); local paths are returned as is."""
+    from loraflow.bases import looks_local, missing_path_hint
+
     text = str(source)
     if Path(text).exists():
         return text, None, None
+    if Path(text).expanduser().exists():
+        return str(Path(text).expanduser()), None, None
+    if looks_local(text):  # a mistyped local folder: say so now instead of asking the hub (and retrying)
+        raise LoraflowError(f"LoRA {text}: no such folder{missing_path_hint(text)}")
     revision = None
     if "@" in text:
         text, revision = text.rsplit("@", 1)

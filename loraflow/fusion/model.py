@@ -122,12 +122,14 @@ class FlowModel(nn.Module):
                         temperature: float | None = None, torch_dtype: torch.dtype | None = None, device=None,
                         lora: int | str | None = None, lora_names: Sequence[str] | None = None,
                         bias_init: str = "one-hot", bias_index: int = -1, check_lora_names: bool = True,
-                        **model_kwargs) -> FlowModel:
+                        gguf_file: str | None = None, **model_kwargs) -> FlowModel:
         """Load a base causal LM (a path, a hub id, or a model object), k LoRAs, and optionally a gate.
 
         loras: folders, hub ids (`owner/repo[/subfolder][@revision]`) or `LoRAAdapter`s, in fusion order (the
         paper: language LoRA first, task LoRA second). gate: a loraflow gate (folder or `.safetensors` with its
         `.json`) or an original released `.pt`. temperature: None = the gate file's, else 1.0.
+        gguf_file: the base is a GGUF file in the folder (or hub repo) `base`, dequantized on load (`pip install
+        gguf`); `base="path/model.gguf"` works too.
         mode: flow | static (needs static_weights) | single (needs lora, an index or name; default 0) | base.
         Returns the model in eval mode, as Hugging Face's `from_pretrained` does: call `.train()` to train the gates
         (LoRA dropout runs only then).
@@ -137,12 +139,12 @@ class FlowModel(nn.Module):
             if torch_dtype is not None:
                 model = model.to(torch_dtype)
         else:
-            from transformers import AutoModelForCausalLM
+            from loraflow.bases import load_base_model
 
             base_id = str(base)
             if torch_dtype is not None:
                 model_kwargs["dtype"] = torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(base_id, **model_kwargs)
+            model = load_base_model(base_id, gguf_file=gguf_file, **model_kwargs)
         model.eval()
         if lora_names is not None and len(lora_names) != len(loras):
             raise LoraflowError(f"lora_names has {len(lora_names)} names for {len(loras)} LoRAs")

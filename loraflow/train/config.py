@@ -71,6 +71,8 @@ class TrainConfig:
     language: str | None = opt(None, "language of the pair (zh, ru, es, ...): picks data, system prompt, preset")
     task: str | None = opt(None, "task of the pair (math, code, ...)")
     base_model: str = opt("meta-llama/Llama-2-7b-hf", "base causal LM: a folder or a hub id")
+    gguf_file: str | None = opt(None, "the base is this GGUF file in the --base-model folder or hub repo "
+                                      "(dequantized on load; needs `pip install gguf`)")
     tokenizer: str | None = opt(None, "tokenizer folder or hub id (default: the base model's)")
     loras: list[str] | None = opt(None, "LoRA folders or hub ids in fusion order "
                                         "(default: LORA_ROOT/{language}_lora LORA_ROOT/{task}_lora)", nargs="+")

@@ -111,14 +111,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
+    from loraflow.bases import load_base_tokenizer
 
-    source = cfg.tokenizer or cfg.base_model
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise LoraflowError(f"cannot load a tokenizer from {source!r}: {e}. Pass --tokenizer, or save one with the "
-                            "base model") from None
+    if cfg.tokenizer:
+        return load_base_tokenizer(cfg.tokenizer)
+    return load_base_tokenizer(cfg.base_model, gguf_file=cfg.gguf_file)
 
 
 def load_model(cfg: TrainConfig, info: DistInfo):
@@ -127,7 +124,7 @@ def load_model(cfg: TrainConfig, info: DistInfo):
 
     dtype = torch_dtype(cfg.dtype)
     flow = FlowModel.from_pretrained(cfg.base_model, cfg.lora_sources(), torch_dtype=dtype,
-                                     device=None if cfg.fsdp else info.device)
+                                     device=None if cfg.fsdp else info.device, gguf_file=cfg.gguf_file)
     flow.model.config.use_cache = False
     if cfg.grad_ckpt:
         flow.gradient_checkpointing_enable()
@@ -284,7 +281,7 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
                 shown = f", dev {dev_metric.name} {entry['dev_metric']:.4f}" if dev_metric is not None else ""
                 bar.write(f"[train] epoch {epoch + 1}/{cfg.epochs} done at step {step + 1}: dev loss {dev_loss}{shown}")
                 save_gate_folder(flow, run_dir / f"epoch_{epoch + 1}", epoch=epoch + 1, step=step + 1,
-                                 dev_loss=dev_loss, train_config=cfg.to_dict())
+                                 dev_loss=dev_loss, train_config=cfg.to_dict(), temperature=inference_temperature(cfg))
                 if best_epoch(history) == epoch + 1:
                     export_gate(run_dir / f"epoch_{epoch + 1}", Path(cfg.out_dir) / f"{cfg.run_name}.safetensors")
             save_state(step + 1)
@@ -302,7 +299,8 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
     summary = {"run": cfg.run_name, "steps": total_steps, "epochs_done": len(history), "history": history,
                "best_epoch": best_epoch(history), "selected_by": selected_by, "trainable_parameters": n_params}
     if master:
-        save_gate_folder(flow, run_dir / "final", step=total_steps, train_config=cfg.to_dict())
+        save_gate_folder(flow, run_dir / "final", step=total_steps, train_config=cfg.to_dict(),
+                         temperature=inference_temperature(cfg))
         atomic_write_json(run_dir / "summary.json", summary)
         log(f"[train] done: gates in {run_dir}" + (f", best epoch {summary['best_epoch']} → "
                                                    f"{Path(cfg.out_dir) / cfg.run_name}.safetensors"
@@ -425,3 +423,12 @@ def check_resumable(trainer: dict, cfg: TrainConfig, fingerprint: str, run_dir: 
                             "with the same ones, or start a new run")
     if trainer.get("data_fingerprint") != fingerprint:
         raise LoraflowError(f"--resume: the training data differ from those the run in {run_dir} started with")
+
+
+def inference_temperature(cfg: TrainConfig) -> float:
+    """The temperature a trained gate records for inference (gate.json): the pair's evaluation default from the
+    registry (1.1 for zh/ru math, as the original evaluated those gates), 1.0 without a pair. Training itself runs
+    the gates at T = 1; `eval` and `plot-gates` then read the recorded value (the one temperature rule)."""
+    from loraflow.eval.registry import default_temperature
+
+    return default_temperature(cfg.language, cfg.task) if cfg.pair else 1.0
