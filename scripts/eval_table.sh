@@ -20,12 +20,14 @@ ROOT="$(cd "$HERE/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 GPU_ID="${1:-0}"
-PAIRS="${PAIRS:-zh_math ru_math es_math zh_code ru_code es_code}"
-METHODS="${METHODS:-base lang task average lorahub flow}"
-GATE_DIR="${GATE_DIR:-checkpoints/Gates}"
-export OUT_DIR="${OUT_DIR:-outputs/eval}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 export PYTHON
+# the defaults are the registry's (loraflow/eval/registry.py): the released pairs, the paper's methods in row order
+PAIRS="${PAIRS:-$("$PYTHON" -c 'from loraflow.eval.registry import RELEASE_LANGUAGES as L, TASK_DOMAINS as D
+print(*[f"{lang}_{d}" for d in D for lang in L])')}"
+METHODS="${METHODS:-$("$PYTHON" -c 'from loraflow.eval.registry import METHODS; print(*METHODS)')}"
+GATE_DIR="${GATE_DIR:-checkpoints/Gates}"
+export OUT_DIR="${OUT_DIR:-outputs/eval}"
 
 failed=()
 for pair in $PAIRS; do

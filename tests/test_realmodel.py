@@ -257,8 +257,9 @@ def test_eval_sh_on_smollm2(real, trained, loraflow_data, tmp_path, task, method
 
 # ---------------------------------------------------------------------------------------------------------- GGUF
 def test_the_converted_folder_is_a_plain_hf_model(smollm2):
-    from loraflow.convert.gguf import SOURCE_FILE, sha256_file, smollm2_gguf
     from safetensors import safe_open
+
+    from loraflow.convert.gguf import SOURCE_FILE, sha256_file, smollm2_gguf
 
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
@@ -274,9 +275,8 @@ def test_the_converted_folder_is_a_plain_hf_model(smollm2):
 def test_eval_on_the_gguf_file_equals_eval_on_the_converted_folder(real, trained, loraflow_data, tmp_path):
     """`--base FOLDER --gguf-file NAME` (tokenizer and model read from the GGUF, dequantized) generates what the
     converted folder does."""
-    from loraflow.convert.gguf import smollm2_gguf
-
     from loraflow.cli import main
+    from loraflow.convert.gguf import smollm2_gguf
 
     gguf = smollm2_gguf()
     common = ["eval", "--task", "math", "--language", "zh", "--method", "flow", "--gate", str(trained[1] / "final"),

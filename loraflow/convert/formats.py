@@ -18,10 +18,9 @@ import torch
 from loraflow import __version__
 from loraflow.convert import tables as C
 from loraflow.convert.shards import ShardWriter, TensorSource, parse_size, save_pickle, staged_output
-from loraflow.convert.tables import release_gate_metadata
 from loraflow.devices import DTYPES as DTYPE_NAMES
 from loraflow.errors import LoraflowError
-from loraflow.eval.registry import default_temperature
+from loraflow.eval.registry import default_temperature, release_gate_metadata
 from loraflow.files import atomic_write_json, load_tensors, read_json, save_tensors
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

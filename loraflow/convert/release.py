@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraflow.convert.tables import release_gate_metadata
 from loraflow.errors import LoraflowError
+from loraflow.eval.registry import RELEASE_LORAS, RELEASE_PAIRS, release_gate_metadata
 from loraflow.files import atomic_path, atomic_write_text
 
 # The tensor code (torch) is imported only where something must be checked or converted: a rerun that finds
@@ -36,8 +36,8 @@ from loraflow.files import atomic_path, atomic_write_text
 
 RELEASE_REPO = "Bowen232/LoRA-Flow"
 DEFAULT_BASE = "meta-llama/Llama-2-7b-hf"
-LORAS = ("zh_lora", "ru_lora", "es_lora", "math_lora", "code_lora")
-GATES = tuple(f"{lang}_{task}" for lang in ("zh", "ru", "es") for task in ("math", "code"))
+LORAS = RELEASE_LORAS  # zh_lora ru_lora es_lora math_lora code_lora
+GATES = RELEASE_PAIRS  # zh_math zh_code ru_math ...
 LORA_WEIGHTS = ("adapter_model.bin", "adapter_model.safetensors")  # the release has .bin; either is accepted
 MANIFEST = ".loraflow-manifest.json"
 

@@ -425,15 +425,3 @@ def base_modelcenter_to_hf(state_dict, mc_config: Mapping, dtype: torch.dtype | 
     """ModelCenter Llama state dict -> Hugging Face Llama state dict (tensors shared; cast only if `dtype`)."""
     return _apply(base_plan_modelcenter_to_hf(_shapes(state_dict), mc_config), state_dict, dtype)
 
-
-# The released gates (SPEC §1): LoRA order is [language, task]. Their temperatures are the registry's
-# (`loraflow.eval.registry.default_temperature`).
-RELEASE_GATE = re.compile(r"^(?P<lang>zh|ru|es)_(?P<task>math|code)$")
-
-
-def release_gate_metadata(name: str) -> dict:
-    """Language, task and LoRA names of a released gate named like `zh_math`; {} for any other name."""
-    m = RELEASE_GATE.match(name)
-    if not m:
-        return {}
-    return {"language": m["lang"], "task": m["task"], "lora_names": [f"{m['lang']}_lora", f"{m['task']}_lora"]}

@@ -31,11 +31,12 @@ from loraflow.data.records import (
     read_records,
 )
 from loraflow.errors import LoraflowError
+from loraflow.eval.registry import RELEASE_LANGUAGES
 from loraflow.files import atomic_path
 
 # Record counts of the release (and of MGSM); a file that differs was truncated or is not the release's.
 # Code dev: 20 lines, but zh and es list one MBPP problem twice, which `read_records` drops.
-RELEASE_LANGS = ("zh", "ru", "es")
+RELEASE_LANGS = RELEASE_LANGUAGES
 EXPECTED_COUNTS = {"train-math": (200,), "train-code": (200,), "dev-math": (100,), "dev-code": (19, 20),
                    "test-math": (250,), "test-code": (164,)}
 

@@ -66,7 +66,7 @@ def dev_token_losses(cfg, out: Path, base: Path, loras: list[Path], gate: Path) 
     from loraflow.demo.methods import load_flow, load_tokenizer
     from loraflow.demo.training import encode
     from loraflow.demo.world import World
-    from loraflow.eval.registry import apply_method
+    from loraflow.eval.registry import METHODS, apply_method
     from loraflow.train.lorahub import load_weights
 
     world = World(cfg.seed)
@@ -75,7 +75,7 @@ def dev_token_losses(cfg, out: Path, base: Path, loras: list[Path], gate: Path) 
     dev = [encode(tok, ex, 4096) for ex in read_jsonl(out / "data" / "composite_dev.jsonl")]
     weights = load_weights(out / "lorahub" / "weights.json", flow.lora_names)
     result = {}
-    for method in ("lang", "task", "average", "lorahub", "flow"):
+    for method in (m for m, spec in METHODS.items() if spec.mode != "base"):
         apply_method(flow, method, weights=weights)
         totals: dict[str, list[float]] = {}
         with torch.no_grad():

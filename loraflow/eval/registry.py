@@ -98,6 +98,18 @@ BENCHMARKS: dict[str, Benchmark] = {t.name: t for t in (
               doc="translated MBPP problems (gate checkpoint selection)"),
 )}
 BY_DOMAIN = {(t.domain, t.split): t for t in BENCHMARKS.values()}
+TASK_DOMAINS = tuple(dict.fromkeys(t.domain for t in BENCHMARKS.values()))  # ("math", "code"), the paper's order
+RELEASE_LANGUAGES = ("zh", "ru", "es")  # the languages of the released LoRAs, gates and data (SPEC §1)
+RELEASE_PAIRS = tuple(f"{lang}_{domain}" for lang in RELEASE_LANGUAGES for domain in TASK_DOMAINS)
+RELEASE_LORAS = tuple(f"{name}_lora" for name in (*RELEASE_LANGUAGES, *TASK_DOMAINS))
+
+
+def release_gate_metadata(name: str) -> dict:
+    """Language, task and LoRA names (language first) of a released gate named like `zh_math`; {} otherwise."""
+    if name not in RELEASE_PAIRS:
+        return {}
+    language, domain = name.split("_")
+    return {"language": language, "task": domain, "lora_names": [f"{language}_lora", f"{domain}_lora"]}
 DOMAINS = tuple(sorted({t.domain for t in BENCHMARKS.values()}))
 
 

@@ -30,6 +30,7 @@ from loraflow.errors import LoraflowError
 from loraflow.eval.generate import DecodeConfig, generate_predictions, read_predictions
 from loraflow.eval.methods import gate_sha256, load_method_model, lorahub_examples
 from loraflow.eval.registry import (
+    FAITHFUL,
     METHODS,
     PROMPT_STYLES,
     Benchmark,
@@ -81,7 +82,7 @@ class EvalConfig:
     max_prompt_tokens: int = 2048
     stop: list[str] | None = None
     temperature: float | None = None
-    prompt_style: str = "faithful"
+    prompt_style: str = FAITHFUL
     allow_code_execution: bool = False
     timeout: float = 3.0
     dtype: str = "float32"  # faithful evaluation runs in fp32, as the original (SPEC §3)
@@ -130,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", choices=VARIANTS, default="faithful",
                    help="humaneval: faithful = the translated prompts as released; repaired = the English prompts "
                         "with the translated docstrings (loraflow/eval/repair.py), reported separately")
-    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="faithful",
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default=FAITHFUL,
                    help="faithful: the original [INST] prompts; chat-template: the tokenizer's chat template")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written programs (code tasks; sandboxed, but not a security boundary)")

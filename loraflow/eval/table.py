@@ -19,10 +19,10 @@ from pathlib import Path
 
 from loraflow.errors import LoraflowError
 from loraflow.eval.registry import BENCHMARKS as REGISTRY
-from loraflow.eval.registry import METHODS
+from loraflow.eval.registry import METHODS, RELEASE_LANGUAGES
 from loraflow.files import atomic_write_text
 
-LANGUAGES = ("zh", "ru", "es")
+LANGUAGES = RELEASE_LANGUAGES
 # (task, title, headline metric) of the paper's columns: the test benchmarks of the registry
 BENCHMARKS = tuple((b.name, b.title, b.metric) for b in (REGISTRY["mgsm"], REGISTRY["humaneval"]))
 METHOD_TITLES = {name: method.title for name, method in METHODS.items()}

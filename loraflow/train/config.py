@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow.data.prompts import STYLE_ALIASES, STYLES, canonical_style
+from loraflow.data.prompts import FAITHFUL, STYLE_ALIASES, STYLES, canonical_style
 from loraflow.devices import DEVICE_HELP, DTYPE_HELP, DTYPES, canonical_dtype, check_device, resolve_dtype
 from loraflow.errors import LoraflowError
 
@@ -85,7 +85,7 @@ class TrainConfig:
                                      "exists)")
     no_dev: bool = opt(False, "skip the dev loss even when a dev set exists", action="store_true")
     system_prompt: str | None = opt(None, "system prompt text (default: system_prompts.json's {language}_{task})")
-    prompt_style: str = opt("faithful", "prompt format: faithful (the original's Llama-2 [INST] text; its old name "
+    prompt_style: str = opt(FAITHFUL, "prompt format: faithful (the original's Llama-2 [INST] text; its old name "
                                         "llama2-chat is accepted) or chat-template (the tokenizer's own)",
                             choices=(*STYLES, *STYLE_ALIASES))
     cot_suffix: bool = opt(True, "append the original's Chinese 'think step by step' (让我们一步一步地思考。) after "
