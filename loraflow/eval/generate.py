@@ -155,7 +155,10 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
         with tqdm(total=len(order), desc="generating", unit="item", disable=not progress) as bar:
             for start in range(0, len(order), config.batch_size):
                 batch = order[start:start + config.batch_size]
-                texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], config)
+                ids = [encoded[i] for i in batch]
+                engine_batch = getattr(model, "loraflow_generate_batch", None)  # another engine: loraflow.vllm.engine
+                texts = engine_batch(tokenizer, ids, config) if engine_batch else generate_batch(model, tokenizer, ids,
+                                                                                                config)
                 bar.update(len(batch))
                 yield list(zip(batch, texts))
     finally:

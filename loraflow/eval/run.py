@@ -48,7 +48,7 @@ METHODS = ("base", "lang", "task", "average", "lorahub", "flow")
 DEFAULT_TEMPERATURES = {("zh", "math"): 1.1, ("ru", "math"): 1.1}
 # run.json keys that change generations: a rerun that differs in one of them may not reuse the predictions
 GENERATION_KEYS = ("task", "language", "split", "method", "base", "loras", "gate", "gate_sha256", "temperature",
-                   "static_weights", "prompt_style", "decode", "dtype")
+                   "static_weights", "prompt_style", "decode", "dtype", "engine")
 
 
 def default_temperature(language: str, domain: str) -> float:
@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: transformers generate; vllm: a vLLM engine on a model folder written for the method")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model (1)")
     p.add_argument("--lorahub-budget", type=int, default=40, help="LoRA-Hub: loss evaluations (40)")
     p.add_argument("--lorahub-examples", type=int, help="LoRA-Hub: use the first N training examples (default all)")
     p.add_argument("--lorahub-seed", type=int, default=0, help="LoRA-Hub: seed (0)")
@@ -215,6 +218,18 @@ def load_model(args, plan: dict, device: str, dtype: str):
     return FlowModel.from_pretrained(args.base, plan["loras"], torch_dtype=torch_dtype, device=device, **kwargs)
 
 
+def _vllm_generator(args, plan: dict, config: dict, out: Path, dtype: str, decode: DecodeConfig):
+    """A vLLM engine on the method's model folder, with room for the longest prompt and its generation."""
+    from ..vllm.engine import VLLMGenerator, method_folder
+
+    folder = method_folder(out, args.method, args.base, plan["loras"], args.gate, plan["temperature"],
+                           config.get("static_weights"))
+    positions = read_json(Path(folder) / "config.json").get("max_position_embeddings")
+    length = decode.max_prompt_tokens + decode.max_new_tokens
+    return VLLMGenerator(folder, dtype=dtype, tensor_parallel_size=args.tensor_parallel_size,
+                         max_model_len=min(length, positions) if positions else length)
+
+
 def lorahub_examples(args, plan: dict, tokenizer) -> list[dict]:
     """The training examples of `{lang}_{task}`, tokenised with the loss on the response only."""
     from ..data import load_split, training_example
@@ -278,7 +293,7 @@ def run(args) -> int:
               "base": str(args.base), "loras": plan["loras"], "gate": args.gate,
               "gate_sha256": _sha256(Path(args.gate)) if args.gate else None, "temperature": plan["temperature"],
               "prompt_style": args.prompt_style, "decode": asdict(decode), "dtype": dtype, "device": device,
-              "data": data_source, "limit": args.limit}
+              "data": data_source, "limit": args.limit, "engine": args.engine}
     if args.method == "lorahub" and lorahub_path(args.out_dir, language, task.domain).is_file():
         from ..lorahub import load_weights
 
@@ -293,9 +308,11 @@ def run(args) -> int:
     log(f"{task.name} {language} ({task.split}), method {args.method}: {len(items)} items, {todo} to generate "
         f"-> {predictions}")
     if todo:
-        model = load_model(args, plan, device, dtype)
+        # vLLM runs from a model folder; the LoRA-Hub search itself still runs on the HF model
+        model = load_model(args, plan, device, dtype) if args.engine == "hf" or args.method == "lorahub" else None
         if args.method == "average":
-            config["static_weights"] = [1.0 / model.k] * model.k
+            k = len(plan["loras"])
+            config["static_weights"] = [1.0 / k] * k
         elif args.method == "lorahub":
             from ..lorahub import LoraHubConfig, lorahub_weights
 
@@ -312,7 +329,13 @@ def run(args) -> int:
             check_resume(run_json, config)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_json, config)
-        generate_predictions(model, tokenizer, items, predictions, decode, progress=not args.no_progress)
+        if args.engine == "vllm":
+            model = _vllm_generator(args, plan, config, out, dtype, decode)
+        try:
+            generate_predictions(model, tokenizer, items, predictions, decode, progress=not args.no_progress)
+        finally:
+            if args.engine == "vllm":
+                model.close()
     elif not run_json.is_file():
         atomic_write_json(run_json, config)
 
