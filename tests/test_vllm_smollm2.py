@@ -81,7 +81,7 @@ def test_smollm2_flow_in_vllm_matches_flow_model(smollm2_folder, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for p in PROMPTS]
-    got = vllm_run([folder], prompts, tmp_path / "out" / "result.json", max_tokens=NEW_TOKENS)[str(folder)]
+    got = vllm_run([folder], prompts, tmp_path / "result.json", max_tokens=NEW_TOKENS)[str(folder)]
 
     flow = FlowModel.from_pretrained(folder)
     same, deltas = 0, []
