@@ -112,3 +112,15 @@ def test_refuses_what_a_folder_cannot_represent(parts, tmp_path):
     # not a folder from export
     with pytest.raises(LoraflowError, match="not a LoRA-Flow model folder"):
         FlowModel.from_pretrained(base)
+
+
+def test_serve_command_checks_the_folder(parts, tmp_path):
+    from loraflow.vllm.serve import server_command
+
+    base, loras, gate = parts
+    out = export_model_folder(tmp_path / "zh_math", str(base), [str(p) for p in loras], gate=gate)
+    cmd = server_command(out, port=8123, max_model_len=256, dtype="float32", extra=["--max-num-seqs", "4"])
+    assert cmd[cmd.index("--model") + 1] == str(out) and cmd[cmd.index("--served-model-name") + 1] == "zh_math"
+    assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--max-num-seqs", "4"]
+    with pytest.raises(LoraflowError, match="not a LoRA-Flow model folder"):
+        server_command(base)
