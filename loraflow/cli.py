@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("loraflow.convert.cli", "convert LoRAs, base models and gates to/from the original formats"),
     "train": ("loraflow.train.recipe", "train the LoRA-Flow gates of a language–task pair (torchrun for several GPUs)"),
     "demo": ("loraflow.demo", "run the self-contained demo (tiny model built on the spot, no downloads)"),
+    "export": ("loraflow.export", "write a LoRA-Flow model folder (base, LoRAs, gate, mode) for vLLM"),
+    "serve": ("loraflow.vllm.serve", "vLLM's OpenAI-compatible server for a LoRA-Flow model folder"),
     "eval": ("loraflow.eval.run", "generate and score one benchmark with one fusion method (base ... flow)"),
     "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
     "plot-gates": ("loraflow.plots", "plot a FlowModel's gate weights: per layer × token heatmap, per-layer bars"),

@@ -171,8 +171,8 @@ def add_arguments(p) -> None:
     p.add_argument("--base", dest="base", help=argparse.SUPPRESS)  # the old spelling, for one release
     p.add_argument("--loras", nargs="+", required=True, help="LoRA folders or hub ids, in fusion order")
     p.add_argument("--gate", required=True, help="gate: loraflow folder / .safetensors, or an original .pt")
-    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base folder or hub repo (dequantized)")
-    p.add_argument("--tokenizer", help="tokenizer (default: --base)")
+    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base-model folder or hub repo")
+    p.add_argument("--tokenizer", help="tokenizer (default: --base-model's)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="plot the weights while generating from this prompt")
     src.add_argument("--predictions", help="predictions.jsonl (prompt + generation): heatmap of one item, "

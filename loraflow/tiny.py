@@ -124,3 +124,20 @@ def tiny_tokenizer():
         "{% endif %}{% endfor %}"
     )
     return fast
+
+
+def save_tiny_flow(root: str | os.PathLike, arch: str = "llama", ranks: dict[str, int] | None = None,
+                   seed: int = 0, dropout: float = 0.1, **config_kwargs) -> tuple[Path, list[Path], Path]:
+    """A tiny base (with `tiny_tokenizer()`), one PEFT LoRA per `{name: rank}` (dropout 0.1 as the released ones)
+    and an original-format fp16 gate, under `root`: (base_dir, lora_dirs, gate .pt path)."""
+    root = Path(root)
+    ranks = ranks or {"lang_lora": 4, "task_lora": 8}
+    base = tiny_model(arch, seed=seed, **config_kwargs)
+    base.save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    loras = save_tiny_loras(lambda: tiny_model(arch, seed=seed, **config_kwargs), root, ranks, seed=seed,
+                            dropout=dropout)
+    config = base.config
+    gate = root / "gate.pt"
+    torch.save(tiny_original_gate(config.num_hidden_layers, len(ranks), config.hidden_size, seed=seed), gate)
+    return root / "base", loras, gate

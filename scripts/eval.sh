@@ -24,6 +24,8 @@
 #   PROMPT_STYLE [faithful]: or chat-template  NAME [the method]: run folder
 #   DTYPE [float32]: the model dtype, as the original (bfloat16: about half the memory, a few greedy outputs change)
 #   VARIANT [faithful]: code test only: repaired = English signatures with the translated docstrings (own run folder)
+#   ENGINE [hf]: hf (transformers generate) | vllm (a vLLM engine on the method's model folder; raise BATCH_SIZE)
+#   TENSOR_PARALLEL_SIZE [1]: GPUs per model with ENGINE=vllm
 #   PYTHON [the repository's .venv/bin/python if it exists, else python3]
 # Code tasks execute the programs the model writes (sandboxed, not a security boundary): this script passes
 # --allow-code-execution for them and says so.
@@ -57,6 +59,8 @@ PROMPT_STYLE="${PROMPT_STYLE:-faithful}"
 NAME="${NAME:-}"
 DTYPE="${DTYPE:-float32}"
 VARIANT="${VARIANT:-faithful}"
+ENGINE="${ENGINE:-hf}"
+TENSOR_PARALLEL_SIZE="${TENSOR_PARALLEL_SIZE:-1}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 export CUDA_VISIBLE_DEVICES="$GPU_ID"
 # a LoRA is a path when it contains a slash or exists as given, else a name under LORA_ROOT
@@ -67,9 +71,10 @@ lora_path() { case "$1" in */*) echo "$1";; *) if [ -e "$1" ]; then echo "$1"; e
 cmd=("$PYTHON" -m loraflow.cli eval --task "$TASK" --language "$LANGUAGE" --split "$SPLIT" --method "$METHOD"
      --base-model "$BASE_MODEL" --lora-root "$LORA_ROOT" --data-root "$DATA_ROOT" --out-dir "$OUT_DIR"
      --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
-     --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE" --dtype "$DTYPE")
+     --max-prompt-tokens "$MAX_PROMPT_TOKENS" --prompt-style "$PROMPT_STYLE" --dtype "$DTYPE" --engine "$ENGINE")
 if [ -n "$LANG_LORA" ]; then cmd+=(--lang-lora "$(lora_path "$LANG_LORA")"); fi
 if [ -n "$TASK_LORA" ]; then cmd+=(--task-lora "$(lora_path "$TASK_LORA")"); fi
+if [ "$ENGINE" = vllm ]; then cmd+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"); fi
 if [ "$METHOD" = flow ]; then
   cmd+=(--gate "$GATE_PATH")
   if [ -n "$TEMPERATURE" ]; then cmd+=(--temperature "$TEMPERATURE"); fi

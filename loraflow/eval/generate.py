@@ -187,8 +187,13 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
         with tqdm(total=len(order), desc="generating", unit="item", disable=not progress) as bar:
             for start in range(0, len(order), config.batch_size):
                 batch = order[start:start + config.batch_size]
-                extra = {"prompts": [prompts[i] for i in batch]} if config.original_view else {}
-                texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], config, **extra)
+                ids = [encoded[i] for i in batch]
+                engine_batch = getattr(model, "loraflow_generate_batch", None)  # another engine: loraflow.vllm.engine
+                if engine_batch is not None:  # it returns the new text only (no `generation_original` view)
+                    texts = engine_batch(tokenizer, ids, config)
+                else:
+                    extra = {"prompts": [prompts[i] for i in batch]} if config.original_view else {}
+                    texts = generate_batch(model, tokenizer, ids, config, **extra)
                 bar.update(len(batch))
                 yield list(zip(batch, texts))
     finally:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import ast
 import re
 
+from loraflow.data.prompts import FAITHFUL
 from loraflow.errors import LoraflowError
 
-VARIANTS = ("faithful", "repaired")
+RELEASED = FAITHFUL  # the variant of the prompts as released: what faithful mode evaluates, under the same name
+VARIANTS = (RELEASED, "repaired")
 _TRIPLE = re.compile(r'("""|\'\'\')(.*?)\1', re.S)
 
 

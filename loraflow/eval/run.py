@@ -48,14 +48,14 @@ from loraflow.eval.registry import (
     resolve_temperature,
     static_weights,
 )
-from loraflow.eval.repair import VARIANTS
+from loraflow.eval.repair import RELEASED, VARIANTS
 from loraflow.eval.score import score_predictions
 from loraflow.files import atomic_write_json, atomic_write_text, read_json
 from loraflow.versions import versions
 
 # run.json keys that change generations: a rerun that differs in one of them may not reuse the predictions
 GENERATION_KEYS = ("task", "language", "split", "method", "base", "gguf_file", "loras", "gate", "gate_sha256",
-                   "temperature", "static_weights", "prompt_style", "variant", "decode", "dtype")
+                   "temperature", "static_weights", "prompt_style", "variant", "decode", "dtype", "engine")
 
 
 @dataclass
@@ -92,7 +92,9 @@ class EvalConfig:
     lorahub_seed: int = 0
     no_progress: bool = False
     check_lora_names: bool = True
-    variant: str = "faithful"
+    variant: str = RELEASED
+    engine: str = "hf"  # "hf" | "vllm"
+    tensor_parallel_size: int = 1  # --engine vllm
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalConfig:
@@ -110,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", help="gate for --method flow: a loraflow gate (folder or .safetensors) or an original .pt")
     p.add_argument("--base-model", dest="base_model", help="base model: a folder or hub id (its tokenizer is used)")
     p.add_argument("--base", dest="base_model", help=argparse.SUPPRESS)  # the old spelling, for one release
-    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base folder or hub repo (dequantized)")
+    p.add_argument("--gguf-file", help="the base is this GGUF file in the --base-model folder or hub repo")
     p.add_argument("--lora-root", default="checkpoints/LoRAs", help="holds {lang}_lora and {task}_lora")
     p.add_argument("--lang-lora", help="the language LoRA (default: LORA_ROOT/{lang}_lora)")
     p.add_argument("--task-lora", help="the task LoRA (default: LORA_ROOT/{task}_lora)")
@@ -128,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "1.1 for zh/ru math and 1.0 otherwise)")
     p.add_argument("--no-check-lora-names", dest="check_lora_names", action="store_false",
                    help="load a gate whose gate.json names other LoRAs (same count and shapes, e.g. renamed copies)")
-    p.add_argument("--variant", choices=VARIANTS, default="faithful",
+    p.add_argument("--variant", choices=VARIANTS, default=RELEASED,
                    help="humaneval: faithful = the translated prompts as released; repaired = the English prompts "
                         "with the translated docstrings (loraflow/eval/repair.py), reported separately")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default=FAITHFUL,
@@ -139,6 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     # faithful evaluation runs in fp32, as the original did (SPEC §3): no `auto` -> bf16 on CUDA here
     p.set_defaults(dtype="float32")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: transformers generate; vllm: a vLLM engine on a model folder written for the method")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per model (1)")
     p.add_argument("--lorahub-budget", type=int, default=40, help="LoRA-Hub: loss evaluations (40)")
     p.add_argument("--lorahub-examples", type=int, help="LoRA-Hub: use the first N training examples (default all)")
     p.add_argument("--lorahub-seed", type=int, default=0, help="LoRA-Hub: seed (0)")
@@ -165,7 +170,7 @@ def _resolve(cfg: EvalConfig) -> dict:
         raise LoraflowError(f"--temperature must be > 0, got {cfg.temperature}")
     if not cfg.timeout > 0:
         raise LoraflowError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
-    if cfg.variant != "faithful" and task.name != "humaneval":
+    if cfg.variant != RELEASED and task.name != "humaneval":
         raise LoraflowError(f"--variant {cfg.variant} is a HumanEval prompt set; {task.name} has only the faithful "
                             "prompts")
     if cfg.limit is not None and cfg.limit < 1:
@@ -220,6 +225,18 @@ def base_dtype(model) -> str:
     return next(str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if not is_gate_parameter(n))
 
 
+def _vllm_generator(cfg: EvalConfig, plan: dict, config: dict, out: Path, dtype: str, decode: DecodeConfig):
+    """A vLLM engine on the method's model folder, with room for the longest prompt and its generation."""
+    from loraflow.vllm.engine import VLLMGenerator, method_folder
+
+    folder = method_folder(out, cfg.method, cfg.base_model, plan["loras"], cfg.gate, plan["temperature"],
+                           config.get("static_weights"))
+    positions = read_json(Path(folder) / "config.json").get("max_position_embeddings")
+    length = decode.max_prompt_tokens + decode.max_new_tokens
+    return VLLMGenerator(folder, dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+                         max_model_len=min(length, positions) if positions else length)
+
+
 def markdown_summary(results: dict) -> str:
     metrics = results.get("metrics", {})
     head = "| task | language | split | method | " + " | ".join(metrics) + " | items |"
@@ -243,7 +260,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     plan = _resolve(cfg)
     task, language, decode = plan["task"], plan["language"], plan["decode"]
     style = canonical_style(cfg.prompt_style)
-    name = cfg.name or (cfg.method if cfg.variant == "faithful" else f"{cfg.method}-{cfg.variant}")
+    name = cfg.name or (cfg.method if cfg.variant == RELEASED else f"{cfg.method}-{cfg.variant}")
     records, data_source = load_records(task, language, cfg.data_root, cfg.data)
     if cfg.variant == "repaired":
         from loraflow.eval.humaneval import load_english_humaneval
@@ -258,7 +275,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     system_prompts = load_system_prompts(cfg.data_root) if cfg.data_root else {}
     prompts = [build_prompt(task, r, language, style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(**{**asdict(decode), "add_special_tokens": not prompt_has_bos(tokenizer, prompts[0]),
-                             "original_view": style == "faithful"})
+                             "original_view": style == FAITHFUL})
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
 
@@ -270,7 +287,7 @@ def run_eval(cfg: EvalConfig) -> dict:
               "gate_sha256": gate_sha256(cfg.gate) if cfg.gate else None, "temperature": plan["temperature"],
               "temperature_source": plan["temperature_source"],
               "prompt_style": style, "variant": cfg.variant, "decode": asdict(decode), "dtype": dtype, "device": device,
-              "data": data_source, "limit": cfg.limit}
+              "data": data_source, "limit": cfg.limit, "engine": cfg.engine}
     hub_file = lorahub_path(cfg.out_dir, language, task.domain)
     if cfg.method == "lorahub" and hub_file.is_file():
         from loraflow.train.lorahub import load_weights
@@ -286,14 +303,17 @@ def run_eval(cfg: EvalConfig) -> dict:
     log(f"{task.name} {language} ({task.split}), method {cfg.method}: {len(items)} items, {todo} to generate "
         f"-> {predictions}")
     if todo:
-        model = load_method_model(cfg.base_model, cfg.method, plan["loras"], gate=cfg.gate,
-                                  temperature=plan["temperature"], dtype=dtype, device=device,
-                                  check_lora_names=cfg.check_lora_names, gguf_file=cfg.gguf_file)
-        ran = base_dtype(model)
-        if ran != dtype:
-            raise LoraflowError(f"asked for --dtype {dtype}, but the loaded model's weights are {ran}")
+        # vLLM runs from a model folder; the LoRA-Hub search itself still runs on the HF model
+        model = None
+        if cfg.engine == "hf" or cfg.method == "lorahub":
+            model = load_method_model(cfg.base_model, cfg.method, plan["loras"], gate=cfg.gate,
+                                      temperature=plan["temperature"], dtype=dtype, device=device,
+                                      check_lora_names=cfg.check_lora_names, gguf_file=cfg.gguf_file)
+            ran = base_dtype(model)
+            if ran != dtype:
+                raise LoraflowError(f"asked for --dtype {dtype}, but the loaded model's weights are {ran}")
         if get_method(cfg.method).weights == "uniform":
-            config["static_weights"] = static_weights(cfg.method, model.k)
+            config["static_weights"] = static_weights(cfg.method, len(plan["loras"]))
         elif cfg.method == "lorahub":
             from loraflow.train.lorahub import LoraHubConfig, lorahub_weights
 
@@ -310,7 +330,13 @@ def run_eval(cfg: EvalConfig) -> dict:
             check_resume(run_json, config)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_json, config)
-        generate_predictions(model, tokenizer, items, predictions, decode, progress=not cfg.no_progress)
+        if cfg.engine == "vllm":
+            model = _vllm_generator(cfg, plan, config, out, dtype, decode)
+        try:
+            generate_predictions(model, tokenizer, items, predictions, decode, progress=not cfg.no_progress)
+        finally:
+            if cfg.engine == "vllm":
+                model.close()
     elif not run_json.is_file():
         atomic_write_json(run_json, config)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from loraflow.errors import LoraflowError
 from loraflow.eval.registry import BENCHMARKS as REGISTRY
 from loraflow.eval.registry import METHODS, RELEASE_LANGUAGES
+from loraflow.eval.repair import RELEASED
 from loraflow.files import atomic_write_text
 
 LANGUAGES = RELEASE_LANGUAGES
@@ -63,7 +64,7 @@ def collect(roots, split: str = "test") -> dict[tuple[str, str], dict[tuple[str,
                 continue
             strict = (res.get("metrics") or {}).get(metric_of[task] + "_strict")
             name = res.get("name") or method
-            if res.get("variant", "faithful") != "faithful":
+            if res.get("variant", RELEASED) != RELEASED:
                 name = f"{name}, {res['variant']} prompts"
             rows.setdefault((name, method), {})[(task, lang)] = (
                 100.0 * float(value), 100.0 * float(strict) if isinstance(strict, (int, float)) else None)

@@ -116,9 +116,9 @@ class FlowModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, base: str | os.PathLike | nn.Module, loras: Sequence,
+    def from_pretrained(cls, base: str | os.PathLike | nn.Module, loras: Sequence | None = None,
                         gate: str | os.PathLike | None = None,
-                        mode: str = "flow", static_weights: Sequence[float] | None = None,
+                        mode: str | None = None, static_weights: Sequence[float] | None = None,
                         temperature: float | None = None, torch_dtype: torch.dtype | None = None, device=None,
                         lora: int | str | None = None, lora_names: Sequence[str] | None = None,
                         bias_init: str = "one-hot", bias_index: int = -1, check_lora_names: bool = True,
@@ -130,10 +130,25 @@ class FlowModel(nn.Module):
         `.json`) or an original released `.pt`. temperature: None = the gate file's, else 1.0.
         gguf_file: the base is a GGUF file in the folder (or hub repo) `base`, dequantized on load (`pip install
         gguf`); `base="path/model.gguf"` works too.
-        mode: flow | static (needs static_weights) | single (needs lora, an index or name; default 0) | base.
+        mode: flow (the default) | static (needs static_weights) | single (needs lora, an index or name; default
+        0) | base. `base` alone may be a LoRA-Flow model folder (`loraflow export`): its LoRAs, gate, mode, static
+        weights and temperature are the defaults then.
         Returns the model in eval mode, as Hugging Face's `from_pretrained` does: call `.train()` to train the gates
         (LoRA dropout runs only then).
         """
+        if loras is None:
+            from loraflow.fusion.folder import folder_spec
+
+            if isinstance(base, nn.Module):
+                raise LoraflowError("FlowModel.from_pretrained: loras=[...] is required unless base is a model folder")
+            spec = folder_spec(base)
+            base, loras, lora_names = spec.base, spec.loras, lora_names or spec.lora_names
+            gate = gate if gate is not None else spec.gate
+            mode = mode or spec.mode
+            static_weights = static_weights if static_weights is not None else spec.static_weights
+            lora = lora if lora is not None else spec.lora
+            temperature = temperature if temperature is not None else spec.temperature
+        mode = mode or "flow"
         if isinstance(base, nn.Module):
             model, base_id = base, getattr(getattr(base, "config", None), "_name_or_path", None)
             if torch_dtype is not None:

@@ -158,6 +158,7 @@ def build_dev_metric(cfg, tokenizer) -> DevMetric | None:
     when the epoch is selected by dev loss."""
     if not cfg.dev_metric:
         return None
+    from loraflow.data.prompts import FAITHFUL
     from loraflow.eval.generate import DecodeConfig
     from loraflow.eval.registry import build_prompt, load_records, load_system_prompts, prompt_has_bos, resolve_task
 
@@ -168,7 +169,7 @@ def build_dev_metric(cfg, tokenizer) -> DevMetric | None:
     prompts = [build_prompt(task, r, cfg.language, cfg.prompt_style, system_prompts, tokenizer) for r in records]
     decode = DecodeConfig(max_new_tokens=cfg.dev_max_new_tokens, batch_size=cfg.dev_batch_size, stop=task.stop,
                           add_special_tokens=not prompt_has_bos(tokenizer, prompts[0]),
-                          original_view=cfg.prompt_style == "faithful")
+                          original_view=cfg.prompt_style == FAITHFUL)
     items = [{"id": str(r["id"]), "prompt": p} for r, p in zip(records, prompts)]
     name = task.metrics[0] + ("_strict" if cfg.select == "dev-metric-strict" else "")
     return DevMetric(task, cfg.language, source, items, decode, tokenizer, cfg.allow_code_execution, name,
