@@ -34,8 +34,10 @@ def missing_path_hint(path: str) -> str:
     return f" ({parent} exists and holds: {shown or 'nothing'})"
 
 
-def resolve_base(base: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """(what to pass to transformers, gguf file name or None), after checking that `base` can be loaded at all."""
+def resolve_base(base: str | os.PathLike, gguf_file: str | None = None,
+                 need_config: bool = True) -> tuple[str, str | None]:
+    """(what to pass to transformers, gguf file name or None), after checking that `base` can be loaded at all
+    (`need_config=False`: a tokenizer-only folder will do)."""
     text = str(base)
     path = Path(text).expanduser()
     if gguf_file is None and path.suffix == ".gguf":
@@ -47,7 +49,7 @@ def resolve_base(base: str | os.PathLike, gguf_file: str | None = None) -> tuple
             if not (path / gguf_file).is_file():
                 raise LoraflowError(f"base model {text}: no GGUF file {gguf_file} in it"
                                     f"{missing_path_hint(str(path / gguf_file))}")
-        elif not (path / "config.json").is_file():
+        elif need_config and not (path / "config.json").is_file():
             raise LoraflowError(f"base model {text}: the folder has no config.json (a Hugging Face model folder is "
                                 "needed; for a GGUF file pass --gguf-file)")
         return str(path), gguf_file
@@ -83,7 +85,7 @@ def load_base_tokenizer(base: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer beside the base model (or in its GGUF file)."""
     from transformers import AutoTokenizer
 
-    source, gguf_file = resolve_base(base, gguf_file)
+    source, gguf_file = resolve_base(base, gguf_file, need_config=False)
     kwargs = {}
     if gguf_file is not None:
         from loraflow.convert.gguf import require_gguf
