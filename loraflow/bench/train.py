@@ -41,6 +41,7 @@ def _examples(shape: ModelShape, batch: int, seq: int, device):
 
 def make_step(name: str, shape: ModelShape, loras: list[Path], batch: int, seq: int, device):
     """A zero-argument function running one step of variant `name` (the model is built here, once)."""
+    from loraflow.fusion.layers import example_dropout_key
     from loraflow.fusion.model import FlowModel
     from loraflow.train.distributed import DistInfo
     from loraflow.train.recipe import train_step
@@ -70,9 +71,11 @@ def make_step(name: str, shape: ModelShape, loras: list[Path], batch: int, seq: 
     optimizer = torch.optim.AdamW(flow.gate_parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     info = DistInfo(0, 1, 0, device)
+    keys = [[example_dropout_key(0, 0, position) for position in range(batch)]]  # as the recipe keys its masks
 
     def gate_step():
-        train_step(flow, optimizer, [examples], pad_id=3, lr=1e-4, clip=1.0, autocast=autocast, info=info)
+        train_step(flow, optimizer, [examples], pad_id=3, lr=1e-4, clip=1.0, autocast=autocast, info=info,
+                   dropout_keys=keys)
     return gate_step
 
 
