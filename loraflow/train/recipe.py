@@ -46,6 +46,7 @@ from loraflow.train.distributed import (
     cleanup_distributed,
     epoch_order,
     init_distributed,
+    meta_base_model,
     micro_batches,
     shard_fsdp,
     step_batches,
@@ -112,15 +113,22 @@ def load_tokenizer(cfg: TrainConfig):
 
 def load_model(cfg: TrainConfig, info: DistInfo):
     """Base + LoRAs (frozen, in `cfg.precision`) + fresh fp32 gates; FSDP-sharded with --fsdp."""
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    return load_flow_model(cfg.base_model, cfg.lora_sources(), dtype, info, fsdp=cfg.fsdp, grad_ckpt=cfg.grad_ckpt)
+
+
+def load_flow_model(base_model: str, loras: list, dtype: torch.dtype, info: DistInfo, fsdp: bool = False,
+                    grad_ckpt: bool = False):
+    """The training FlowModel on `info.device`. With `fsdp` only rank 0 reads the base weights; the other ranks
+    build the base on the meta device and receive their shards from rank 0 (`shard_fsdp`)."""
     from loraflow.fusion.model import FlowModel
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    flow = FlowModel.from_pretrained(cfg.base_model, cfg.lora_sources(), torch_dtype=dtype,
-                                     device=None if cfg.fsdp else info.device)
+    base = meta_base_model(base_model, dtype) if fsdp and not info.master else base_model
+    flow = FlowModel.from_pretrained(base, loras, torch_dtype=dtype, device=None if fsdp else info.device)
     flow.model.config.use_cache = False
-    if cfg.grad_ckpt:
+    if grad_ckpt:
         flow.gradient_checkpointing_enable()
-    if cfg.fsdp:
+    if fsdp:
         shard_fsdp(flow, info)
     return flow
 
