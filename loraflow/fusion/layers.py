@@ -60,8 +60,10 @@ class FusionState(nn.Module):
         return self.layouts.index(layout)
 
     def set_weights(self, weights: torch.Tensor) -> None:
-        self.weights = weights
-        self.cache = [None] * len(self.layouts)
+        # once per layer and token when decoding: plain attributes, so skip nn.Module.__setattr__'s checks
+        d = self.__dict__
+        d["weights"] = weights
+        d["cache"] = [None] * len(self.layouts)
 
     def set_static(self, values: Sequence[float] | None, mode: str = "static") -> None:
         """Static (or single-LoRA) fusion with one weight per LoRA; None: back to `mode` ("flow" or "base")."""
