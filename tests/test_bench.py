@@ -205,6 +205,23 @@ def test_train_peak_memory_child_reports_bytes(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_memory_reports_every_process_with_and_without_fsdp(tmp_path):
+    """2 gloo processes load the model as the recipe does (FSDP: rank 0 only, the other on meta) and run a step."""
+    from loraflow.bench.decode import ModelShape, save_loras
+    from loraflow.bench.report import _train_table
+    from loraflow.bench.train import fsdp_memory
+
+    shape = ModelShape(**TINY)
+    mem = fsdp_memory(shape, save_loras(shape, tmp_path, dropout=0.1), 2, 8)
+    for name in ("no_fsdp", "fsdp"):
+        assert not mem[name].get("errors"), mem[name]
+        assert len(mem[name]["bytes"]) == 2 and all(isinstance(v, int) for v in mem[name]["bytes"])
+    part = {"seconds": {"base_act": 1.0}, "tokens_per_s": {"base_act": 1.0}, "batch": 2, "seq": 8, "k": 2,
+            "lora_flop_ratio": 1.1, "fsdp_memory": mem}
+    assert any(line.startswith("| --fsdp |") for line in _train_table(part))
+
+
+@pytest.mark.slow
 def test_bench_all_quick_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "results" / "r.json"
     assert main(["all", "--quick", "--no-memory", "--device", "cpu", "--sandbox-limit", "2",

@@ -220,8 +220,8 @@ def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode
         state.set_weights(w)
     else:
         values = [0.3, -1.2] if mode == "static" else [0.0, 1.0]
-        state.mode, state.static, state.static_values = "static", torch.tensor(values), values
-        state.active = 1 if mode == "single" else None
+        state.set_static(values)
+        assert state.active == (1 if mode == "single" else None)
         w = torch.tensor(values).expand(2, tokens, 2)
     expected = base(x) + sum(w[..., i : i + 1] * s * (x @ a.T @ b.T) for i, ((a, b, s, _)) in enumerate(loras))
     (gx_expected,) = torch.autograd.grad(expected.pow(2).sum(), x)
@@ -232,7 +232,6 @@ def test_fused_projection_matches_a_plain_sum_in_value_and_gradient(tokens, mode
     with torch.no_grad():  # generation's path: B h added in place into the base output
         torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16 out, close to the fp32 sum
-        state.cache.clear()
         y16 = layer(x)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), expected, atol=0.15 * expected.abs().max().item(), rtol=0.05)
@@ -254,54 +253,104 @@ def test_gate_computes_in_fp32_under_autocast_and_divides_by_temperature():
     torch.testing.assert_close(w, torch.softmax(x.to(torch.bfloat16).float() @ gate.weight.T / 1.7, dim=-1))
 
 
-def test_cpu_dropout_masks_are_bernoulli_with_rounded_p_independent_and_seeded():
-    from loraflow.fusion.layers import DROPOUT_BITS, lora_dropout_masks
+def _reference_words(key: int, count: int) -> list[int]:
+    """`layers.random_words` for one key, in plain Python integers (unsigned 64-bit, wrapping)."""
+    mask = 2**64 - 1
+    out = []
+    for c in range(count):
+        z = (key + c * 0x9E3779B97F4A7C15) & mask
+        z ^= z >> 32
+        z = (z * 0xBF58476D1CE4E5B9) & mask
+        z ^= z >> 32
+        z = (z * 0x94D049BB133111EB) & mask
+        z ^= z >> 32
+        out.append(z - 2**64 if z >= 2**63 else z)
+    return out
 
-    x = torch.empty(400, 501)  # odd size: the last int64 word of bits is only partly used
+
+def test_random_words_are_the_documented_integer_hash():
+    """The dropout bits are integer arithmetic only (the same on every device): pinned to a Python reference."""
+    from loraflow.fusion.layers import random_words
+
+    keys = torch.tensor([[0, -1], [2**62 + 12345, -(2**63)]])
+    words = random_words(keys, 37)
+    assert words.shape == (2, 2, 37) and words.dtype == torch.int64
+    for key, row in zip(keys.flatten().tolist(), words.reshape(4, 37)):
+        assert row.tolist() == _reference_words(key, 37)
+    assert torch.equal(random_words(keys, 5), words[..., :5])  # a stream's prefix does not depend on its length
+
+
+def test_dropout_masks_are_bernoulli_with_rounded_p_and_independent():
+    from loraflow.fusion.layers import DROPOUT_BITS, dropout_masks
+
+    x = torch.empty(2, 200, 501)  # odd width: the last int64 word of each token is only partly used
+    salts = torch.tensor([11, 22, 33])
     torch.manual_seed(3)
-    masks, scales = lora_dropout_masks(x, [0.1, 0.0, 0.3])
+    masks, scales = dropout_masks(x, [0.1, 0.0, 0.3], salts)  # no keys: drawn from torch's generator
     torch.manual_seed(3)
-    again, _ = lora_dropout_masks(x, [0.1, 0.0, 0.3])
+    again, _ = dropout_masks(x, [0.1, 0.0, 0.3], salts)
     assert masks[1] is None and scales[1] == 1.0
     assert all(torch.equal(a, b) for a, b in zip((masks[0], masks[2]), (again[0], again[2])))
+    keyed, _ = dropout_masks(x, [0.1, 0.0, 0.3], salts, torch.tensor([5, 6]))
     unit = 2.0**-DROPOUT_BITS
-    for mask, p, scale in ((masks[0], 0.1, scales[0]), (masks[2], 0.3, scales[2])):
+    for mask, p, scale in ((masks[0], 0.1, scales[0]), (masks[2], 0.3, scales[2]), (keyed[0], 0.1, scales[0])):
         assert mask.dtype == torch.uint8 and mask.shape == x.shape and set(mask.unique().tolist()) == {0, 1}
         rounded = round(p / unit) * unit
         assert scale == pytest.approx(1.0 / (1.0 - rounded), rel=1e-12)  # E[mask * scale] = 1 exactly
         dropped = 1.0 - mask.double().mean().item()
         assert abs(dropped - rounded) < 5 * (p * (1 - p) / x.numel()) ** 0.5  # 5 sigma
-    both = ((masks[0] == 0) & (masks[2] == 0)).double().mean().item()
-    assert abs(both - 0.03) < 5 * (0.03 * 0.97 / x.numel()) ** 0.5  # independent masks
-    rows = masks[0].double().mean(dim=1)
+    n = x.numel()
+    for a, b, pa, pb in ((masks[0], masks[2], 0.1, 0.3), (keyed[0], keyed[2], 0.1, 0.3),
+                         (keyed[0][0], keyed[0][1], 0.1, 0.1), (keyed[0][:, 1:], keyed[0][:, :-1], 0.1, 0.1)):
+        both = ((a == 0) & (b == 0)).double().mean().item()  # LoRAs, rows and neighbouring tokens: independent
+        assert abs(both - pa * pb) < 5 * (pa * pb * (1 - pa * pb) / (n / 2)) ** 0.5
+    rows = keyed[0].double().mean(dim=-1)
     assert rows.std() < 0.05  # no structure along a dimension (every element gets its own bits)
+
+
+def test_keyed_dropout_masks_do_not_depend_on_the_batch_or_padding():
+    """An example's masks are a function of its key (and the salt) only: the same alone, in another batch
+    position, or padded to another length."""
+    from loraflow.fusion.layers import dropout_masks, example_dropout_key
+
+    keys = [example_dropout_key(0, 3, position) for position in range(3)]
+    salts = torch.tensor([7, 8])
+    together, _ = dropout_masks(torch.empty(3, 9, 40), [0.1, 0.2], salts, torch.tensor(keys))
+    alone, _ = dropout_masks(torch.empty(1, 5, 40), [0.1, 0.2], salts, torch.tensor(keys[2:]))
+    for j in range(2):
+        assert torch.equal(together[j][2, :5], alone[j][0])
+        assert not torch.equal(together[j][0], together[j][1])
+    assert not torch.equal(together[0], together[1])
+    other_step, _ = dropout_masks(torch.empty(1, 5, 40), [0.1, 0.2], salts,
+                                  torch.tensor([example_dropout_key(0, 4, 2)]))
+    assert not torch.equal(other_step[0], alone[0])
+    with pytest.raises(RuntimeError, match="2 example keys set for an input of 3 rows"):
+        dropout_masks(torch.empty(3, 9, 40), [0.1], salts[:1], torch.tensor(keys[:2]))
 
 
 def test_fused_projection_with_dropout_is_the_plain_sum_over_masked_inputs():
     """Training mode, dropout on: y = base(x) + sum_i w_i s_i B_i A_i (x * mask_i) / (1 - p_i), gradients too."""
-    from loraflow.fusion.layers import FusedLoRALinear, FusionState, lora_dropout_masks
+    from loraflow.fusion.layers import FusedLoRALinear, FusionState, dropout_masks
 
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(24, 40).requires_grad_(False)
     loras = [(torch.randn(4, 24, generator=gen), torch.randn(40, 4, generator=gen), 2.0, 0.1),
              (torch.randn(6, 24, generator=gen), torch.randn(40, 6, generator=gen), 0.5, 0.25)]
     state = FusionState(2)
-    layer = FusedLoRALinear(base, loras, state).train()
+    layer = FusedLoRALinear(base, loras, state, name="layers.0.q_proj").train()
     x = torch.randn(2, 40, 24, generator=gen, requires_grad=True)
     w = torch.rand(2, 40, 2, generator=gen)
     state.set_weights(w)
-    torch.manual_seed(7)
+    state.dropout_keys = torch.tensor([101, -202])
     y = layer(x)
     (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
-    torch.manual_seed(7)
-    masks, scales = lora_dropout_masks(x, [0.1, 0.25])
+    masks, scales = dropout_masks(x, [0.1, 0.25], layer.lora_salts, state.dropout_keys)
     expected = base(x) + sum(w[..., i:i + 1] * s * scales[i] * ((x * masks[i]) @ a.T @ b.T)
                              for i, (a, b, s, _) in enumerate(loras))
     (gx_expected,) = torch.autograd.grad(expected.pow(2).sum(), x)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(gx, gx_expected, atol=1e-3, rtol=1e-4)
-    with torch.no_grad():  # no autograd, still training: the masks apply
-        torch.manual_seed(7)
+    with torch.no_grad():  # no autograd, still training: the masks apply, the same for the same keys
         torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
         assert not torch.allclose(y, layer.eval()(x))  # the masks did drop something
 

@@ -285,14 +285,15 @@ def test_gradient_accumulation_equals_a_bigger_batch(world, tmp_path):
 
 
 def test_max_steps_stop_resumes_and_checkpointing_changes_nothing(world, tmp_path):
-    train(world.config(tmp_path / "straight"))
-    first = train(world.config(tmp_path / "split", max_steps=3, grad_ckpt=True))  # stops mid-epoch 2
+    # LoRA dropout on: the checkpointed recompute in backward sees the same (keyed) masks as the forward
+    train(world.config(tmp_path / "straight", lora_dropout=True))
+    first = train(world.config(tmp_path / "split", max_steps=3, grad_ckpt=True, lora_dropout=True))  # mid-epoch 2
     assert first["steps"] == 3 and first["epochs_done"] == 1
     assert (tmp_path / "split" / "zh_math" / "final").is_dir()
-    train(world.config(tmp_path / "split", resume=True))
+    train(world.config(tmp_path / "split", resume=True, lora_dropout=True))
     assert_same_gate(tmp_path / "split" / "zh_math" / "final", tmp_path / "straight" / "zh_math" / "final")
     with pytest.raises(LoraflowError, match=r"other settings \(lr: 0.05 -> 0.01\)"):
-        train(world.config(tmp_path / "split", resume=True, lr=1e-2))
+        train(world.config(tmp_path / "split", resume=True, lr=1e-2, lora_dropout=True))
 
 
 def test_bf16_autocast_runs(world, tmp_path):

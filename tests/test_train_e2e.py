@@ -1,5 +1,7 @@
-"""Gate training across processes: scripts/train.sh under torchrun (2 gloo processes), FSDP2, and a run killed with
-SIGKILL and resumed. Each compares its final gate with a one-process run of the same optimizer steps."""
+"""Gate training across processes, all with LoRA dropout 0.1 on (the release's setting): scripts/train.sh under
+torchrun (2 gloo processes × batch 2), one process × batch 2 × FREQ 2, FSDP2, and a run killed with SIGKILL (by the
+test, at a step it sees in metrics.jsonl) and resumed. Each compares its final gate with a one-process run of the
+same optimizer steps: the dropout masks are keyed by the example's place in the step, not by the process."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from train_world import assert_same_gate, build_world, read_metrics
 
-from loraflow.train.recipe import KILL_AFTER_STEP, train
+from loraflow.train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -29,9 +32,9 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
-    """One process, batch 4, no LoRA dropout: the gate the split runs must reproduce."""
+    """One process, batch 4, LoRA dropout on: the gate the split runs must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    train(world.config(out, batch_per_device=4, total_batch=None))
+    train(world.config(out, batch_per_device=4, total_batch=None, lora_dropout=True))
     return out / "zh_math"
 
 
@@ -44,7 +47,6 @@ def free_port() -> int:
 def subprocess_env(**extra) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
-    env.pop(KILL_AFTER_STEP, None)
     env.update(extra)
     return env
 
@@ -55,7 +57,7 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
                          LORA_ROOT=str(world.lora_root), DATA_ROOT=str(world.data_root), OUT_DIR=str(out),
                          PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "scripts/train.sh"), "zh", "math", "5e-2", "2", str(free_port()),
-                           "--no-lora-dropout", "--select", "dev-metric", "--dev-max-new-tokens", "2"], env=env,
+                           "--select", "dev-metric", "--dev-max-new-tokens", "2"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     echoed = next(line for line in proc.stderr.splitlines() if line.startswith("+ "))
@@ -71,11 +73,21 @@ def test_train_sh_two_processes_equal_one_process(world, reference, tmp_path):
     assert json.loads((run / "dev" / "epoch_3" / "results.json").read_text())["counts"]["ids_scored"] == 3
     config = json.loads((run / "config.json").read_text())
     assert (config["world_size"], config["batch_per_device"], config["total_batch"]) == (2, 2, 4)
-    assert config["loras"] is None and config["lora_root"] == str(world.lora_root)
+    assert config["loras"] is None and config["lora_root"] == str(world.lora_root) and config["lora_dropout"]
     steps = [r for r in read_metrics(run) if "loss" in r]
     assert sum(r["loss"] for r in steps[-2:]) < sum(r["loss"] for r in steps[:2])  # last epoch vs first
-    # 2 processes × batch 2 (gloo, torchrun) = 1 process × batch 4: the same examples per step, loss / global tokens
+    # 2 processes × batch 2 (gloo, torchrun) = 1 process × batch 4: the same examples per step, loss / global tokens,
+    # the same dropout masks per example
     assert_same_gate(run / "final", reference / "final")
+
+
+def test_gradient_accumulation_equals_one_batch_with_dropout_on(world, reference, tmp_path):
+    """1 process × batch 2 × FREQ 2 = 1 × batch 4; and the dropout matters (without it the gates differ)."""
+    train(world.config(tmp_path / "accum", batch_per_device=2, grad_accum=2, total_batch=None, lora_dropout=True))
+    assert_same_gate(tmp_path / "accum" / "zh_math" / "final", reference / "final")
+    train(world.config(tmp_path / "nodrop", batch_per_device=4, total_batch=None, lora_dropout=False))
+    with pytest.raises(AssertionError):
+        assert_same_gate(tmp_path / "nodrop" / "zh_math" / "final", reference / "final", atol=1e-4, rtol=0)
 
 
 def _fsdp_worker(rank: int, world_size: int, port: int, cfg) -> None:
@@ -87,7 +99,7 @@ def _fsdp_worker(rank: int, world_size: int, port: int, cfg) -> None:
 
 def test_fsdp_two_processes_equal_one_process(world, reference, tmp_path):
     """FSDP2 (fully_shard per decoder layer, then the root) over gloo on CPU; forked workers skip re-importing."""
-    cfg = world.config(tmp_path, batch_per_device=2, total_batch=None, fsdp=True)
+    cfg = world.config(tmp_path, batch_per_device=2, total_batch=None, fsdp=True, lora_dropout=True)
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_fsdp_worker, args=(rank, 2, port, cfg)) for rank in range(2)]
@@ -104,23 +116,41 @@ def test_fsdp_two_processes_equal_one_process(world, reference, tmp_path):
     assert_same_gate(tmp_path / "zh_math" / "final", reference / "final")
 
 
+def kill_when_logged(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> int:
+    """SIGKILL `proc` as soon as metrics.jsonl shows optimizer step >= `step`; returns the last step seen then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        steps = [json.loads(line)["step"] for line in lines if line.strip() and '"loss"' in line]
+        if steps and steps[-1] >= step:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return steps[-1]
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=60)
+    raise AssertionError(f"the run ended (exit {proc.returncode}) before logging step {step}: "
+                         f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
+
+
 def test_killed_run_resumes_to_the_same_gate(world, tmp_path):
     """With LoRA dropout on: resuming restores the gates, AdamW moments, lr step, data position and RNG states."""
     flags = world.flags(tmp_path / "killed", "--total-batch", "2", "--save-every", "3", "--lora-dropout")
-    # 4 steps per epoch; states are saved after steps 3, 4 (epoch end) and 6; the process dies after step 7
-    proc = subprocess.run([sys.executable, "-m", "loraflow.cli", "train", *flags], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env=subprocess_env(**{KILL_AFTER_STEP: "7"}))
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # 4 steps per epoch, 12 in all; states are saved after steps 3, 4 (epoch end), 6, 8, 9; killed from step 5 on
+    proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "train", *flags], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     run = tmp_path / "killed" / "zh_math"
+    seen = kill_when_logged(proc, run / "metrics.jsonl", step=5)
+    assert proc.returncode == -signal.SIGKILL
     state = torch.load(run / "state" / "trainer.pt", weights_only=True)
-    assert state["step"] == 6 and [h["epoch"] for h in state["history"]] == [1]
+    assert 4 <= state["step"] <= seen < 12 and [h["epoch"] for h in state["history"]][:1] == [1]
     assert not (run / "final").exists() and not (run / "summary.json").exists()
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 8))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r][:seen] == list(range(1, seen + 1))
 
     cfg = dict(total_batch=2, save_every=3, lora_dropout=True)
     train(world.config(tmp_path / "killed", resume=True, **cfg))
     train(world.config(tmp_path / "straight", **cfg))
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 13))  # step 7 once
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 13))  # each step once
     straight = tmp_path / "straight" / "zh_math"
     assert_same_gate(run / "final", straight / "final")
     assert_same_gate(tmp_path / "killed" / "zh_math.safetensors", tmp_path / "straight" / "zh_math.safetensors")

@@ -155,8 +155,20 @@ def _train_table(part: dict) -> list[str]:
     for name, s in part["seconds"].items():
         lines.append(f"| {name} | {_ms(s)} | {part['tokens_per_s'][name]:.0f} | {over.get(name, s / base):.2f} | "
                      f"{mem.get(name, '–')} |")
-    return lines + ["", "base_act: forward + backward to the input embeddings (no weight gradients); base_full: "
-                    "with weight gradients; gate_step: loraflow's train_step (LoRA dropout, clipping, AdamW).", ""]
+    lines += ["", "base_act: forward + backward to the input embeddings (no weight gradients); base_full: "
+              "with weight gradients; gate_step: loraflow's train_step (LoRA dropout, clipping, AdamW).", ""]
+    fsdp = part.get("fsdp_memory")
+    if fsdp:
+        lines += [f"**Host memory of loading + one gate step, {fsdp['processes']} gloo processes** (model "
+                  f"{fsdp['model_MiB']} MiB on disk; {fsdp['method']})", "",
+                  "| setting | MiB per process | total MiB |", "|---|---|---|"]
+        for name in ("no_fsdp", "fsdp"):
+            row = fsdp[name]
+            cells = (" / ".join(str(v) for v in row["MiB"]), row["total_MiB"]) if "MiB" in row else (
+                "; ".join(row["errors"])[:200], "–")
+            lines.append(f"| {'--fsdp' if name == 'fsdp' else 'without --fsdp'} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    return lines
 
 
 def _sandbox_table(part: dict) -> list[str]:

@@ -15,12 +15,17 @@ on CPU (Linux) the rise of the peak resident set (VmHWM, reset through /proc/sel
 before the step, each variant in a fresh spawned process whose glibc maps every allocation over 64 KiB on its own
 (so freed tensors leave the resident set; a forked child of a process that has run OpenMP work can hang, hence
 spawn).
+
+Host memory with and without `--fsdp` (`fsdp_memory`): 2 gloo processes, each loads the model as the recipe does
+(`load_flow_model`; with FSDP only rank 0 reads the base, the others build it on the meta device and receive their
+shards) and runs one gate step; per process, the peak resident set rise from just before loading.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,6 +46,7 @@ def _examples(shape: ModelShape, batch: int, seq: int, device):
 
 def make_step(name: str, shape: ModelShape, loras: list[Path], batch: int, seq: int, device):
     """A zero-argument function running one step of variant `name` (the model is built here, once)."""
+    from loraflow.fusion.layers import example_dropout_key
     from loraflow.fusion.model import FlowModel
     from loraflow.train.distributed import DistInfo
     from loraflow.train.recipe import train_step
@@ -70,9 +76,11 @@ def make_step(name: str, shape: ModelShape, loras: list[Path], batch: int, seq: 
     optimizer = torch.optim.AdamW(flow.gate_parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     info = DistInfo(0, 1, 0, device)
+    keys = [[example_dropout_key(0, 0, position) for position in range(batch)]]  # as the recipe keys its masks
 
     def gate_step():
-        train_step(flow, optimizer, [examples], pad_id=3, lr=1e-4, clip=1.0, autocast=autocast, info=info)
+        train_step(flow, optimizer, [examples], pad_id=3, lr=1e-4, clip=1.0, autocast=autocast, info=info,
+                   dropout_keys=keys)
     return gate_step
 
 
@@ -147,6 +155,75 @@ def peak_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, devi
     return {"method": method, "bytes": out, "MiB": mib}
 
 
+def _fsdp_child(rank, world, port, shape, base_dir, loras, batch, seq, fsdp, queue) -> None:
+    from loraflow.train.distributed import cleanup_distributed, init_distributed
+
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        from loraflow.fusion.layers import example_dropout_key
+        from loraflow.train.recipe import load_flow_model, train_step
+
+        info = init_distributed("cpu")
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS: the peak from here on, loading included
+        flow = load_flow_model(str(base_dir), [str(p) for p in loras], torch.float32, info, fsdp=fsdp)
+        flow.train()
+        optimizer = torch.optim.AdamW(flow.gate_parameters(), lr=1e-4)
+        examples, _ = _examples(shape, batch, seq, info.device)
+        keys = [[example_dropout_key(0, 0, p) for p in range(rank, batch, world)]]
+        train_step(flow, optimizer, [examples[rank::world]], pad_id=3, lr=1e-4, clip=1.0, autocast=nullcontext(),
+                   info=info, dropout_keys=keys)
+        queue.put((rank, (_status_kib("VmHWM") - before) * 1024))
+    except Exception as e:  # reported in the results, never hangs the parent
+        queue.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        cleanup_distributed()
+
+
+def fsdp_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, processes: int = 2) -> dict:
+    """Peak host memory per process of loading + one gate step on `processes` gloo processes, without and with
+    FSDP (see the module doc). Bytes per rank, and MiB per rank and summed."""
+    ctx = multiprocessing.get_context("spawn")
+    out: dict = {"processes": processes, "method": "cpu peak RSS rise (VmHWM) from before loading, per process"}
+    with tempfile.TemporaryDirectory() as tmp:
+        base_dir = Path(tmp) / "base"
+        base_model(shape, torch.device("cpu"), torch.float32, max_positions=max(512, seq)).save_pretrained(base_dir)
+        out["model_MiB"] = round(sum(f.stat().st_size for f in base_dir.glob("*.safetensors")) / 2**20, 1)
+        for name, fsdp in (("no_fsdp", False), ("fsdp", True)):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=_fsdp_child, args=(rank, processes, port, shape, base_dir, loras, batch, seq,
+                                                           fsdp, queue)) for rank in range(processes)]
+            saved = os.environ.get(MMAP_ENV)
+            os.environ[MMAP_ENV] = "65536"  # as in peak_memory: freed tensors leave the resident set
+            try:
+                for proc in procs:
+                    proc.start()
+            finally:
+                if saved is None:
+                    del os.environ[MMAP_ENV]
+                else:
+                    os.environ[MMAP_ENV] = saved
+            try:
+                results = dict(queue.get(timeout=900) for _ in procs)
+            finally:
+                for proc in procs:
+                    proc.join(timeout=60)
+                    if proc.is_alive():
+                        proc.kill()
+            per_rank = [results.get(rank) for rank in range(processes)]
+            errors = [v for v in per_rank if not isinstance(v, int)]
+            out[name] = {"bytes": per_rank, "errors": errors} if errors else {
+                "bytes": per_rank, "MiB": [round(v / 2**20, 1) for v in per_rank],
+                "total_MiB": round(sum(per_rank) / 2**20, 1)}
+    return out
+
+
 def bench_train(shape: ModelShape, batch: int, seq: int, device, rounds: int = 3, k: int = 2,
                 memory: bool = True) -> dict:
     from loraflow.bench.timing import interleaved
@@ -157,6 +234,7 @@ def bench_train(shape: ModelShape, batch: int, seq: int, device, rounds: int = 3
         seconds = interleaved(steps, device, rounds=rounds, warmup=1)
         del steps
         mem = peak_memory(shape, loras, batch, seq, device) if memory else None
+        fsdp_mem = fsdp_memory(shape, loras, batch, seq) if memory else None
     floor = shape.lora_flop_ratio([shape.rank] * k)
     return {"shape": shape.__dict__.copy(), "k": k, "batch": batch, "seq": seq, "seconds": dict(seconds),
             "tokens_per_s": {n: batch * seq / s for n, s in seconds.items()},
@@ -164,4 +242,4 @@ def bench_train(shape: ModelShape, batch: int, seq: int, device, rounds: int = 3
             "gate_step_over_base_act": seconds.ratio("gate_step", "base_act"),
             "gate_step_over_base_full": seconds.ratio("gate_step", "base_full"),
             "ckpt_over_no_ckpt": seconds.ratio("gate_step_ckpt", "gate_step"),
-            "lora_flop_ratio": floor, "peak_memory": mem}
+            "lora_flop_ratio": floor, "peak_memory": mem, "fsdp_memory": fsdp_mem}

@@ -8,39 +8,86 @@ projection costs the base matmul plus two matmuls whatever k is (ranks may diffe
 the layer's projections. The base projection runs once; the output has the base output's dtype.
 
 `FusionState` is what the projections of one decoder layer share: the fusion mode, the static weights, and the
-per-token weights that the layer's gate hook sets from the layer input before the projections run.
+per-token weights that the layer's gate hook sets from the layer input before the projections run. It is a module
+(a child of its decoder layer) and every tensor that outlives a forward is a buffer of a module, so `.to()`,
+`.cuda()`, FSDP and dtype casts move it with the model. The gates' and the fusion state's own tensors keep their
+dtype under module-wide casts (`flow.to(torch.bfloat16)` leaves the gates fp32): see `keep_dtype`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraflow.fusion.gate import FusionGate
+from loraflow.fusion.gate import FusionGate, keep_dtype
 
 MODES = ("flow", "static", "single", "base")
 
 
-class FusionState:
-    """Shared by the gate hook and the fused projections of one decoder layer (a plain object, not a module)."""
+class FusionState(nn.Module):
+    """Shared by the gate hook and the fused projections of one decoder layer; a child module of that layer.
+
+    Buffers: `static` (k,) fp32, the static weights. Attributes: the mode and the per-forward values (the gate's
+    weights, the rank-column scales computed from them, the examples' dropout keys), which are recomputed every
+    forward on the input's device. The projections refer to their state without registering it as their own child.
+    """
 
     def __init__(self, k: int):
+        super().__init__()
         self.k = k
         self.mode = "flow"  # "flow" | "static" | "base" ("single" is static with one active LoRA)
-        self.static: torch.Tensor | None = None  # (k,) fp32, on the layer's device
-        self.static_values: list[float] = []  # the same as Python floats (no device sync in the hot path)
+        self.register_buffer("static", torch.zeros(k), persistent=False)  # (k,) fp32
+        self.static_values: list[float] = [0.0] * k  # the same as Python floats (no device sync in the hot path)
+        self.static_version = 0  # bumped by set_static: projections rebuild their static column scales
         self.active: int | None = None  # static mode with exactly one non-zero weight: that LoRA's index
         self.weights: torch.Tensor | None = None  # flow mode: (batch, seq, k) from the gate, fp32
         self.recorder: list | None = None  # when recording: receives (batch, seq, k) per forward
         self.dropout = True  # LoRA dropout while training (the original left it on when training the gate)
-        self.cache: dict = {}  # rank-column scales per rank layout, valid for the current `weights`
+        self.dropout_keys: torch.Tensor | None = None  # (batch,) int64 per-example dropout keys, or None: random
+        self.layouts: list[tuple] = []  # the distinct rank layouts of the layer's projections
+        self.cache: list[torch.Tensor | None] = []  # flow mode: rank-column scales per layout, for `weights`
+        self.hook = None  # the handle of the gate hook on the decoder layer's input norm
+
+    def layout_slot(self, layout: tuple) -> int:
+        """The cache slot of a projection's rank layout (projections with equal layouts share one)."""
+        if layout not in self.layouts:
+            self.layouts.append(layout)
+            self.cache.append(None)
+        return self.layouts.index(layout)
 
     def set_weights(self, weights: torch.Tensor) -> None:
-        self.weights = weights
-        self.cache.clear()
+        # once per layer and token when decoding: plain attributes, so skip nn.Module.__setattr__'s checks
+        d = self.__dict__
+        d["weights"] = weights
+        d["cache"] = [None] * len(self.layouts)
+
+    def set_static(self, values: Sequence[float] | None, mode: str = "static") -> None:
+        """Static (or single-LoRA) fusion with one weight per LoRA; None: back to `mode` ("flow" or "base")."""
+        if values is None:
+            self.mode, self.active = mode, None
+        else:
+            self.static_values = [float(v) for v in values]
+            nonzero = [i for i, v in enumerate(self.static_values) if v != 0.0]
+            self.mode, self.active = "static", nonzero[0] if len(nonzero) == 1 else None
+            self.static = torch.tensor(self.static_values, dtype=torch.float32, device=self.static.device)
+            self.static_version += 1
+        self.weights = None
+        self.cache = [None] * len(self.layouts)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(keep_dtype(fn), recurse)
+        # rebuilt from the Python values on the new device (to_empty leaves garbage); per-forward values dropped
+        self.static = torch.tensor(self.static_values, dtype=torch.float32, device=self.static.device)
+        self.weights, self.dropout_keys = None, None
+        self.cache = [None] * len(self.layouts)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, mode={self.mode}"
 
 
 class GateHook:
@@ -71,23 +118,19 @@ def _static_or_zero(state: FusionState, x: torch.Tensor) -> torch.Tensor:
 
 class FusedLoRALinear(nn.Module):
     """Wraps `base_layer`; `loras[i]` is `(A_i, B_i, scaling_i, dropout_i)`, or None where LoRA i does not
-    target this projection."""
+    target this projection. `name` (the module's path in the model) keys its dropout masks (`dropout_masks`)."""
 
-    def __init__(self, base_layer: nn.Linear, loras: Sequence[tuple | None], state: FusionState):
+    def __init__(self, base_layer: nn.Linear, loras: Sequence[tuple | None], state: FusionState, name: str = ""):
         super().__init__()
         self.base_layer = base_layer
-        self.state = state
+        object.__setattr__(self, "state", state)  # shared with the layer's other projections; not our child
         weight = base_layer.weight
         present = [(i, lora) for i, lora in enumerate(loras) if lora is not None]
         a = torch.cat([lora[0] for _, lora in present], dim=0)  # (R, d_in), R = sum of ranks
         b = torch.cat([lora[1] for _, lora in present], dim=1)  # (d_out, R)
         self.lora_A = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype), requires_grad=False)
         self.lora_B = nn.Parameter(b.to(device=weight.device, dtype=weight.dtype), requires_grad=False)
-        index = [i for i, lora in present for _ in range(lora[0].shape[0])]
-        scale = [float(lora[2]) for _, lora in present for _ in range(lora[0].shape[0])]
-        self.register_buffer("lora_index", torch.tensor(index, device=weight.device), persistent=False)
-        self.register_buffer("lora_scaling", torch.tensor(scale, device=weight.device), persistent=False)
-        # Per-LoRA rank-column slices, scalings and dropout probabilities; the layout key lets projections of one
+        # Per-LoRA rank-column slices, scalings and dropout probabilities; the layout slot lets projections of one
         # layer with identical LoRA layouts share one expansion of the per-token weights.
         self.segments: dict[int, tuple[int, int]] = {}
         start = 0
@@ -96,8 +139,29 @@ class FusedLoRALinear(nn.Module):
             start += lora[0].shape[0]
         self.scalings = {i: float(lora[2]) for i, lora in present}
         self.dropouts = {i: float(lora[3]) for i, lora in present}
-        self.layout = tuple((i, self.segments[i], self.scalings[i]) for i, _ in present)
+        self.salts = {i: dropout_salt(name, i) for i, _ in present}
+        self.layout_slot = state.layout_slot(tuple((i, self.segments[i], self.scalings[i]) for i, _ in present))
         self.any_dropout = any(p > 0 for p in self.dropouts.values())
+        self.static_version = -1  # the state's static_version that `static_scale` was built for
+        # Derived, non-persistent buffers, rebuilt from the Python values above after every move or cast (`_apply`)
+        self.register_buffer("lora_index", torch.empty(0, dtype=torch.long, device=weight.device), persistent=False)
+        self.register_buffer("lora_scaling", torch.empty(0, device=weight.device), persistent=False)
+        self.register_buffer("lora_salts", torch.empty(0, dtype=torch.long, device=weight.device), persistent=False)
+        self.register_buffer("static_scale", torch.empty(0, device=weight.device), persistent=False)  # (R,)
+        self._build_buffers()
+
+    def _build_buffers(self) -> None:
+        device = self.lora_A.device
+        index = [i for i, (s, e) in self.segments.items() for _ in range(e - s)]
+        self.lora_index = torch.tensor(index, device=device)
+        self.lora_scaling = torch.tensor([self.scalings[i] for i in index], dtype=torch.float32, device=device)
+        self.lora_salts = torch.tensor(list(self.salts.values()), dtype=torch.long, device=device)  # per LoRA here
+        self.static_version = -1  # static_scale is rebuilt at the next static forward, in the LoRA dtype
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._build_buffers()
+        return self
 
     @property
     def in_features(self) -> int:
@@ -121,18 +185,16 @@ class FusedLoRALinear(nn.Module):
                 return F.linear(x, self.lora_A)
             s, e = self.segments[segment]
             return F.linear(x, self.lora_A[s:e])
-        probs = [self.dropouts[i] for i in ids]
-        if x.device.type == "cpu":  # see lora_dropout_masks: a third of the cost of F.dropout's masks on CPU
-            masks, scales = lora_dropout_masks(x, probs)
-        else:  # CUDA & co.: torch's fused dropout kernel is the fastest there
-            masks, scales = None, [1.0] * len(ids)
+        if segment is None:
+            salts = self.lora_salts
+        else:
+            n = list(self.segments).index(segment)
+            salts = self.lora_salts[n:n + 1]
+        masks, scales = dropout_masks(x, [self.dropouts[i] for i in ids], salts, self.state.dropout_keys)
         parts = []
         for j, i in enumerate(ids):
             s, e = self.segments[i]
-            if masks is None:
-                dropped = F.dropout(x, probs[j], training=True) if probs[j] > 0 else x
-            else:
-                dropped = x if masks[j] is None else _KeepMask.apply(x, masks[j])
+            dropped = x if masks[j] is None else _KeepMask.apply(x, masks[j])
             h = F.linear(dropped, self.lora_A[s:e])
             parts.append(h if scales[j] == 1.0 else h * scales[j])  # 1/(1-p) on the rank-wide output, not on x
         return torch.cat(parts, dim=-1)
@@ -140,19 +202,24 @@ class FusedLoRALinear(nn.Module):
     def _column_scale(self, state: FusionState) -> torch.Tensor:
         """Per-token weight times scaling for every rank column: (batch, seq, R) in flow mode, (R,) in static.
 
-        Computed once per layer (per rank layout) and kept in the LoRA dtype, so the layer's other projections reuse it.
+        In the LoRA dtype. Flow: computed once per layer (per rank layout) and forward, shared by the layer's other
+        projections. Static: the buffer `static_scale`, rebuilt when the state's static weights change.
         """
-        scale = state.cache.get(self.layout)
+        if state.mode != "flow":
+            if self.static_version != state.static_version:  # from the Python values: no read from the device
+                columns = [i for i, (s, e) in self.segments.items() for _ in range(e - s)]
+                scale = (torch.tensor([state.static_values[i] for i in columns], dtype=torch.float32)
+                         * torch.tensor([self.scalings[i] for i in columns], dtype=torch.float32))
+                self.static_scale = scale.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+                self.static_version = state.static_version
+            return self.static_scale
+        scale = state.cache[self.layout_slot]
         if scale is None:
-            if state.mode == "flow":
-                if state.weights is None:
-                    raise RuntimeError("flow mode: no fusion weights for this layer; the decoder layer's input norm "
-                                       "must run (and fire its gate hook) before its projections")
-                scale = state.weights.index_select(-1, self.lora_index) * self.lora_scaling
-            else:
-                scale = state.static.index_select(0, self.lora_index) * self.lora_scaling
-            scale = scale.to(self.lora_A.dtype)
-            state.cache[self.layout] = scale
+            if state.weights is None:
+                raise RuntimeError("flow mode: no fusion weights for this layer; the decoder layer's input norm "
+                                   "must run (and fire its gate hook) before its projections")
+            scale = (state.weights.index_select(-1, self.lora_index) * self.lora_scaling).to(self.lora_A.dtype)
+            state.cache[self.layout_slot] = scale
         return scale
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -184,17 +251,75 @@ class FusedLoRALinear(nn.Module):
 
 
 DROPOUT_BITS = 16
+# splitmix64's constants as signed int64 (torch has no uint64 arithmetic on every device): the Weyl increment and
+# the two multipliers of its finaliser
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 
 
-def lora_dropout_masks(x: torch.Tensor, probs: list[float]) -> tuple[list[torch.Tensor | None], list[float]]:
-    """Independent dropout keep-masks shaped like `x`, one per probability, and the matching 1/(1 - p) scales.
+def _to_int64(value: int) -> int:
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
 
-    On CPU torch's Bernoulli sampling (what `F.dropout` uses) costs about as much as a projection's own matmul. Here
-    all masks of one call come from a single draw of raw random bits, 16 bits per element: element j is kept when
-    its 16 bits, read as a signed number, are >= -2^15 + round(p * 2^16). So the drop probability is p rounded to a
-    multiple of 2^-16 (0.1 -> 0.100006) and the scale uses that rounded value, which keeps E[mask * scale] = 1
-    exactly. The bits come from torch's default generator, so `torch.manual_seed` makes them reproducible.
-    Masks are uint8 (1 byte per element, as torch's own dropout keeps for the backward pass); None where p is 0.
+
+def mix64(value: int) -> int:
+    """splitmix64's finaliser on a Python int (a 64-bit hash), as a signed int64."""
+    z = value & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return _to_int64(z ^ (z >> 31))
+
+
+def dropout_salt(name: str, lora: int) -> int:
+    """The part of a dropout key that names the projection (its module path, which holds the layer) and the LoRA."""
+    return _to_int64(int.from_bytes(hashlib.blake2b(f"{name}#{lora}".encode(), digest_size=8).digest(), "little"))
+
+
+def example_dropout_key(seed: int, step: int, position: int) -> int:
+    """The dropout key of the example at `position` in the global batch of optimizer step `step`: the same whatever
+    process or micro-batch holds it."""
+    return mix64(mix64(mix64(seed) ^ step) ^ position)
+
+
+def _fold(z: torch.Tensor) -> None:
+    """z ^= z >>> 32 in place (a logical shift, done on the int32 halves of each little-endian int64)."""
+    halves = z.view(torch.int32).view(-1, 2)
+    halves[:, 0].bitwise_xor_(halves[:, 1])
+
+
+def random_words(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """(*keys.shape, count) int64 of counter-based random bits: word c of key k is a 64-bit hash of (k, c).
+
+    Stream k is splitmix64's (k + c * golden) through a finaliser with 32-bit shifts (mixing by multiplications and
+    32-bit folds), in wrapping int64 arithmetic, so CPU and CUDA give the same bits. A stream's first n words do not
+    depend on `count`. Cost: about what torch.randint takes for the same words on CPU.
+    """
+    counter = torch.arange(count, dtype=torch.int64, device=keys.device)
+    z = torch.add(keys.unsqueeze(-1), counter, alpha=_GOLDEN)  # (*keys, count)
+    _fold(z)
+    z.mul_(_MIX1)
+    _fold(z)
+    z.mul_(_MIX2)
+    _fold(z)
+    return z
+
+
+def dropout_masks(x: torch.Tensor, probs: list[float], salts: torch.Tensor, keys: torch.Tensor | None = None,
+                  ) -> tuple[list[torch.Tensor | None], list[float]]:
+    """Dropout keep-masks shaped like `x` (batch, ..., d_in), one per probability, and the 1/(1 - p) scales.
+
+    The mask of element (b, t, j) for LoRA slot s is a function of (keys[b] ^ salts[s], t, j) only: keys[b] is the
+    example's key (`example_dropout_key`, set by training through `FlowModel.set_dropout_keys`) and the salt names
+    the layer, projection and LoRA (`dropout_salt`; `salts`: (len(probs),) int64 on x's device). So the masks do
+    not depend on which process or micro-batch holds the example, nor on the padded length. Without keys each call
+    draws fresh ones from torch's generator (reproducible under `torch.manual_seed`, and replayed by activation
+    checkpointing's RNG restore).
+
+    Each element gets 16 random bits: it is kept when they, read as a signed number, are >= -2^15 + round(p * 2^16).
+    So the drop probability is p rounded to a multiple of 2^-16 (0.1 -> 0.100006) and the scale uses that rounded
+    value, which keeps E[mask * scale] = 1 exactly. Masks are uint8 (1 byte per element, as torch's own dropout
+    keeps for backward); None where p is 0.
     """
     thresholds = [round(p * 2**DROPOUT_BITS) for p in probs]
     drawn = [j for j, t in enumerate(thresholds) if t > 0]
@@ -202,13 +327,24 @@ def lora_dropout_masks(x: torch.Tensor, probs: list[float]) -> tuple[list[torch.
     scales = [1.0] * len(probs)
     if not drawn:
         return masks, scales
-    n = x.numel()
-    words = -(-n * len(drawn) // 4)  # int64 words holding 4 x 16 bits
-    bits = torch.randint(-2**63, 2**63 - 1, (words,), dtype=torch.int64, device=x.device).view(torch.int16)
+    d_in = x.shape[-1]
+    rows = x.shape[0] if x.dim() == 3 else 1
+    tokens = x.numel() // max(rows * d_in, 1)
+    if keys is None:
+        row_keys = torch.randint(-2**63, 2**63 - 1, (len(drawn), rows), dtype=torch.int64, device=x.device)
+    else:
+        if keys.numel() != rows:
+            raise RuntimeError(f"LoRA dropout: {keys.numel()} example keys set for an input of {rows} rows "
+                               f"{tuple(x.shape)}; FlowModel.set_dropout_keys needs one key per batch row")
+        row_keys = keys.view(1, rows) ^ salts.view(-1, 1)  # (len(probs), rows)
+        if len(drawn) < len(probs):
+            row_keys = torch.stack([row_keys[j] for j in drawn])  # (drawn, rows)
+    width = -(-d_in // 4) * 4  # 16-bit fields per token, a whole number of int64 words
+    bits = random_words(row_keys, tokens * width // 4).view(torch.int16).view(len(drawn), rows, tokens, width)
     for slot, j in enumerate(drawn):
-        chunk = bits[slot * n:(slot + 1) * n].view(x.shape)
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        masks[j] = torch.ge(chunk, -2**15 + thresholds[j], out=keep)
+        fields = bits[slot] if width == d_in else bits[slot, ..., :d_in]
+        keep = torch.empty((rows, tokens, d_in), dtype=torch.uint8, device=x.device)
+        masks[j] = torch.ge(fields, -2**15 + thresholds[j], out=keep).view(x.shape)
         scales[j] = 2**DROPOUT_BITS / (2**DROPOUT_BITS - thresholds[j])
     return masks, scales
 

@@ -25,6 +25,7 @@ from loraflow.fusion.gate import FusionGate
 from loraflow.fusion.layers import MODES, FusedLoRALinear, FusionState, GateHook
 
 GATE_MODULE = "lora_fusion_gate"  # the attribute each decoder layer gets; the original's name too (SPEC §5)
+STATE_MODULE = "lora_fusion_state"  # each decoder layer's FusionState (buffers only, none persistent)
 
 
 def is_gate_parameter(name: str) -> bool:
@@ -49,10 +50,15 @@ def inject_fusion(model: nn.Module, adapters: Sequence[LoRAAdapter], temperature
                   gate_input: str = "input_layernorm") -> list[FusionState]:
     """Wrap every targeted Linear in a `FusedLoRALinear` and give every decoder layer a `FusionGate`, in place.
 
-    Returns the per-layer `FusionState`s. Raises when an adapter does not fit the model or nothing matched.
+    Returns the per-layer `FusionState`s. Raises when an adapter does not fit the model, nothing matched, or the
+    model already carries a fusion (`eject_fusion` removes it).
     """
     if not adapters:
         raise LoraflowError("LoRA-Flow needs at least one LoRA")
+    injected = [name for name, mod in model.named_modules() if isinstance(mod, (FusedLoRALinear, FusionState))]
+    if injected:
+        raise LoraflowError(f"{type(model).__name__} already has a LoRA-Flow fusion injected (at {injected[0]}); "
+                            "use that FlowModel, or call its unload() to get the plain base back first")
     prefix, layers = find_decoder_layers(model, gate_input)
     layer_of = {f"{prefix}.{i}.{name}": i for i, layer in enumerate(layers)
                 for name, _ in layer.named_modules() if name}
@@ -63,10 +69,11 @@ def inject_fusion(model: nn.Module, adapters: Sequence[LoRAAdapter], temperature
     states = []
     for layer in layers:
         ref = next(layer.parameters())
-        state = FusionState(k)
+        state = FusionState(k).to(ref.device)
         gate = FusionGate(hidden, k, temperature, bias_init, bias_index, device=ref.device)
         layer.add_module(GATE_MODULE, gate)
-        getattr(layer, gate_input).register_forward_pre_hook(GateHook(gate, state))
+        layer.add_module(STATE_MODULE, state)
+        state.hook = getattr(layer, gate_input).register_forward_pre_hook(GateHook(gate, state))
         states.append(state)
     modules = dict(model.named_modules())
     targets = sorted({m for a in adapters for m in a.weights})
@@ -74,8 +81,26 @@ def inject_fusion(model: nn.Module, adapters: Sequence[LoRAAdapter], temperature
         parent_name, attr = module.rsplit(".", 1)
         loras = [(a.weights[module][0], a.weights[module][1], a.scaling(module), a.dropout)
                  if module in a.weights else None for a in adapters]
-        setattr(modules[parent_name], attr, FusedLoRALinear(modules[module], loras, states[layer_of[module]]))
+        setattr(modules[parent_name], attr,
+                FusedLoRALinear(modules[module], loras, states[layer_of[module]], name=module))
     return states
+
+
+def eject_fusion(model: nn.Module, gate_input: str = "input_layernorm") -> nn.Module:
+    """Undo `inject_fusion` in place: every `FusedLoRALinear` back to its base Linear, gates, states and hooks
+    removed. Returns `model`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedLoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, module.base_layer)
+    for layer in find_decoder_layers(model, gate_input)[1]:
+        state = getattr(layer, STATE_MODULE, None)
+        if state is not None:
+            state.hook.remove()
+            delattr(layer, STATE_MODULE)
+        if hasattr(layer, GATE_MODULE):
+            delattr(layer, GATE_MODULE)
+    return model
 
 
 class GateRecording:
@@ -100,6 +125,7 @@ class FlowModel(nn.Module):
                  base_name_or_path: str | None = None):
         super().__init__()
         self.model = model
+        self.base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored by unload
         self.states = inject_fusion(model, adapters, temperature, bias_init, bias_index)
         self.lora_names = [a.name for a in adapters]
         if len(set(self.lora_names)) != len(self.lora_names):
@@ -194,15 +220,8 @@ class FlowModel(nn.Module):
                 raise LoraflowError(f"static fusion needs {self.k} weights (one per LoRA {self.lora_names}), "
                                     f"got {None if weights is None else list(weights)}")
             values = [float(w) for w in weights]
-            nonzero = [i for i, w in enumerate(values) if w != 0.0]
-        for state, layer in zip(self.states, self.layers()):
-            state.mode = "static" if mode == "single" else mode
-            state.weights = None
-            state.cache.clear()
-            if mode in ("static", "single"):
-                state.static = torch.tensor(values, dtype=torch.float32, device=next(layer.parameters()).device)
-                state.static_values = values
-                state.active = nonzero[0] if len(nonzero) == 1 else None
+        for state in self.states:
+            state.set_static(values if mode in ("static", "single") else None, mode)
         self.mode = mode
 
     def lora_index(self, lora: int | str) -> int:
@@ -224,6 +243,31 @@ class FlowModel(nn.Module):
         """LoRA dropout while training (on by default, as in the original gate training)."""
         for state in self.states:
             state.dropout = bool(enabled)
+
+    def set_dropout_keys(self, keys: torch.Tensor | None) -> None:
+        """One int64 key per batch row for the next forwards (and their backward): the LoRA dropout masks of a
+        row are then a function of its key, layer, projection and LoRA only (`layers.dropout_masks`). Training
+        sets `layers.example_dropout_key(seed, step, position in the global batch)`; None: fresh random masks."""
+        if keys is not None:
+            keys = keys.to(device=self.device, dtype=torch.int64).reshape(-1)
+        for state in self.states:
+            state.dropout_keys = keys
+
+    def unload(self) -> nn.Module:
+        """Remove the fusion and return the plain base model (its Linears, no gates or hooks, its parameters'
+        requires_grad as before). This FlowModel cannot be used afterwards."""
+        model = eject_fusion(self.model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(self.base_requires_grad.get(name, param.requires_grad))
+        del self.model
+        self.states = []
+        self.unloaded = True
+        return model
+
+    def __getattr__(self, name: str):
+        if name == "model" and self.__dict__.get("unloaded"):
+            raise LoraflowError("this FlowModel was unloaded: use the base model unload() returned, or load anew")
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------------------------------- structure
     def layers(self) -> nn.ModuleList:

@@ -130,23 +130,48 @@ def micro_batches(step: list[int], rank: int, world_size: int, grad_accum: int) 
 
 
 # ------------------------------------------------------------------------------------------------------------ FSDP
+def meta_base_model(source: str, dtype: torch.dtype):
+    """The base model `source` built from its config on the meta device: shapes only, no weights read or held."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def shard_fsdp(flow, info: DistInfo) -> None:
     """FSDP2: shard each decoder layer, then the root, over all processes; the gates stay whole (ignored).
 
-    Call on a FlowModel whose weights are on the CPU (or already on `info.device`): `fully_shard` moves the
-    shards to the mesh's device. The frozen parameters have no gradients, so FSDP only all-gathers weights
-    (forward, and again in backward to pass activation gradients down to earlier gates); the gate gradients are
-    summed by `all_reduce_gate_grads` like in the unsharded case.
+    Rank 0 holds the whole FlowModel on the CPU (or on `info.device`); the other ranks hold it on the meta device
+    (`meta_base_model`: no weights in their RAM). After `fully_shard` (which moves rank 0's shards to the mesh's
+    device) the other ranks allocate their shards (`to_empty`) and receive them from rank 0, then every buffer
+    (rotary tables and the like, which no state dict holds) is broadcast from rank 0. So host memory is one whole
+    model (rank 0) plus one shard per other rank, not a whole model per process.
+
+    The frozen parameters have no gradients, so FSDP only all-gathers weights (forward, and again in backward to
+    pass activation gradients down to earlier gates); the gate gradients are summed by `all_reduce_gate_grads`
+    like in the unsharded case.
     """
     if not info.enabled:
         raise LoraflowError("--fsdp needs a process group: start the run with torchrun (scripts/train.sh FSDP=1)")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    on_meta = [name for name, p in flow.model.named_parameters() if p.device.type == "meta"]
+    if info.master and on_meta:
+        raise LoraflowError(f"--fsdp: rank 0 must hold the loaded weights, but {on_meta[0]} is on the meta device")
+    full = dict(flow.model.state_dict()) if info.master else {}  # rank 0's whole weights, kept until sent
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     gates = set(flow.gate_parameters())
     for layer in flow.layers():
         fully_shard(layer, mesh=mesh, ignored_params=gates)
     fully_shard(flow.model, mesh=mesh, ignored_params=gates)
+    if not info.master:
+        flow.model.to_empty(device=info.device)  # this rank's shards (and the gates, buffers), uninitialised
+    set_model_state_dict(flow.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
     for gate in flow.gates():  # ignored parameters are not moved by fully_shard
         gate.to(info.device)
+    for _, buffer in flow.model.named_buffers():  # non-persistent buffers are in no state dict
+        dist.broadcast(buffer, src=0)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +34,7 @@ from loraflow.data.records import IGNORE_INDEX, collate
 from loraflow.devices import torch_dtype
 from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json
+from loraflow.fusion.layers import example_dropout_key
 from loraflow.train.config import (
     TrainConfig,
     add_arguments,
@@ -55,6 +54,7 @@ from loraflow.train.distributed import (
     cleanup_distributed,
     epoch_order,
     init_distributed,
+    meta_base_model,
     micro_batches,
     shard_fsdp,
     step_batches,
@@ -70,7 +70,6 @@ from loraflow.train.state import (
 )
 from loraflow.versions import versions
 
-KILL_AFTER_STEP = "LORAFLOW_TEST_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that optimizer step
 # Fields a resumed run may change; anything else must match the saved config (it changes the numbers).
 RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "save_every", "log_every", "grad_ckpt", "out_dir", "device",
                      "dev_batch_size", "allow_code_execution"}
@@ -89,7 +88,7 @@ def train(cfg: TrainConfig) -> dict:
     info = init_distributed(cfg.device)
     try:
         cfg = cfg.resolve(info.world_size, info.device.type)
-        torch.manual_seed(cfg.seed + info.rank)  # LoRA dropout masks: different per process, reproducible
+        torch.manual_seed(cfg.seed + info.rank)  # anything random beyond the dropout masks (keyed per example)
         run_dir = Path(cfg.out_dir) / cfg.run_name
         if not cfg.resume and (find_state(run_dir) or (run_dir / "summary.json").exists()):
             if not cfg.overwrite:
@@ -120,15 +119,29 @@ def load_tokenizer(cfg: TrainConfig):
 
 def load_model(cfg: TrainConfig, info: DistInfo):
     """Base + LoRAs (frozen, in `cfg.dtype`) + fresh fp32 gates; FSDP-sharded with --fsdp."""
+    return load_flow_model(cfg.base_model, cfg.lora_sources(), torch_dtype(cfg.dtype), info, fsdp=cfg.fsdp,
+                           grad_ckpt=cfg.grad_ckpt, gguf_file=cfg.gguf_file)
+
+
+def load_flow_model(base_model: str, loras: list, dtype: torch.dtype, info: DistInfo, fsdp: bool = False,
+                    grad_ckpt: bool = False, gguf_file: str | None = None):
+    """The training FlowModel on `info.device`. With `fsdp` only rank 0 reads the base weights; the other ranks
+    build the base on the meta device and receive their shards from rank 0 (`shard_fsdp`)."""
     from loraflow.fusion.model import FlowModel
 
-    dtype = torch_dtype(cfg.dtype)
-    flow = FlowModel.from_pretrained(cfg.base_model, cfg.lora_sources(), torch_dtype=dtype,
-                                     device=None if cfg.fsdp else info.device, gguf_file=cfg.gguf_file)
+    if fsdp and not info.master:
+        if gguf_file:
+            raise LoraflowError("--fsdp with --gguf-file: convert the GGUF once (`loraflow convert base --from gguf`) "
+                                "and train on the folder")
+        base = meta_base_model(base_model, dtype)
+        flow = FlowModel.from_pretrained(base, loras, torch_dtype=dtype, device=None)
+    else:
+        flow = FlowModel.from_pretrained(base_model, loras, torch_dtype=dtype, device=None if fsdp else info.device,
+                                         gguf_file=gguf_file)
     flow.model.config.use_cache = False
-    if cfg.grad_ckpt:
+    if grad_ckpt:
         flow.gradient_checkpointing_enable()
-    if cfg.fsdp:
+    if fsdp:
         shard_fsdp(flow, info)
     return flow
 
@@ -240,7 +253,6 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
         f"(hidden {flow.hidden_size} + 1))")
     autocast = (torch.autocast(info.device.type, dtype=torch_dtype(cfg.dtype)) if cfg.dtype != "float32"
                 else nullcontext())
-    kill_after = int(os.environ.get(KILL_AFTER_STEP, "0"))
 
     def save_state(step: int) -> None:
         trainer = {"step": step, "optimizer": optimizer.state_dict(), "gates": [p.detach().cpu() for p in params],
@@ -259,9 +271,12 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
             batches = step_batches(epoch_order(len(train_set), cfg.seed, epoch), cfg.total_batch)
         lr = lr_at(step, cfg.lr, schedule, cfg.warmup_ratio)
         mine = micro_batches(batches[in_epoch], info.rank, info.world_size, cfg.grad_accum)
+        # LoRA dropout keyed by (seed, step, position in the step's global batch): the same masks for any split
+        positions = micro_batches(list(range(len(batches[in_epoch]))), info.rank, info.world_size, cfg.grad_accum)
+        keys = [[example_dropout_key(cfg.seed, step, p) for p in ps] for ps in positions]
         t0 = time.perf_counter()
         stats = train_step(flow, optimizer, [[train_set[i] for i in ids] for ids in mine], pad_id, lr,
-                           cfg.clip_grad, autocast, info)
+                           cfg.clip_grad, autocast, info, dropout_keys=keys)
         stats["tokens_per_s"] = stats["tokens"] / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
@@ -287,8 +302,6 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
             save_state(step + 1)
         elif cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_state(step + 1)
-        if kill_after and step + 1 == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     flow.eval()
     # ---- save: the final gate, the state (a longer --max-steps can continue), the summary (written last)
@@ -309,26 +322,30 @@ def fit(cfg: TrainConfig, info: DistInfo, flow, train_set: list[dict], dev_set: 
 
 
 def train_step(flow, optimizer, micro: list[list[dict]], pad_id: int, lr: float, clip: float, autocast,
-               info: DistInfo) -> dict:
+               info: DistInfo, dropout_keys: list[list[int]] | None = None) -> dict:
     """One optimizer step over this process's micro-batches.
 
     The loss is the sum of the token losses of every response token of the step, on all processes, divided by
     their global count (all-reduced first), so the gradient does not depend on how the examples are split into
     processes and micro-batches. An empty micro-batch (a short last step) still runs a forward/backward on a
-    one-token dummy, which FSDP's collectives need.
+    one-token dummy, which FSDP's collectives need. `dropout_keys`: one LoRA dropout key per example of each
+    micro-batch (`FlowModel.set_dropout_keys`); None draws random masks.
     """
     params = flow.gate_parameters()
     local = sum(response_tokens(ex) for batch in micro for ex in batch)
     n_tokens = all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64, device=info.device)).item()
     loss_sum, seen = 0.0, 0
-    for batch in micro:
+    for m, batch in enumerate(micro):
         inputs = batch_inputs(batch, pad_id, info.device)
+        keys = dropout_keys[m] if dropout_keys is not None and batch else None
+        flow.set_dropout_keys(None if keys is None else torch.tensor(keys, dtype=torch.int64))
         with autocast:
             out = flow(**model_inputs(inputs))
         token_loss = summed_token_loss(out.logits, inputs["labels"]) if batch else out.logits.sum() * 0.0
-        (token_loss / n_tokens).backward()
+        (token_loss / n_tokens).backward()  # under activation checkpointing the recompute sees the same keys
         loss_sum += token_loss.item()
         seen += int(inputs["attention_mask"].sum()) if batch else 0
+    flow.set_dropout_keys(None)
     reduced = all_reduce_gate_grads(params, torch.tensor([loss_sum, float(seen)], device=info.device))
     if clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)

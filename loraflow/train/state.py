@@ -35,7 +35,8 @@ TRAINER_FILE = "trainer.pt"
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states (LoRA dropout draws from them): the CPU generator, and the GPU's on CUDA."""
+    """This process's RNG states: the CPU generator, and the GPU's on CUDA. (Training's LoRA dropout does not draw
+    from them: its masks are keyed by seed, step and example position; they are kept for anything else random.)"""
     out = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
@@ -96,7 +97,7 @@ def load_training_state(run_dir: Path, rank: int, world_size: int) -> tuple[dict
     if trainer.get("world_size") != world_size:
         raise LoraflowError(f"--resume: the run in {run_dir} was trained with {trainer.get('world_size')} "
                             f"process(es), this one has {world_size}; resume with the same number so that the data "
-                            "split and the dropout RNG continue exactly")
+                            "split continues exactly")
     rng_file = folder / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise LoraflowError(f"--resume: {rng_file} is missing")
