@@ -69,9 +69,9 @@ class DemoConfig:
     lora_batch: int = 32
     lora_lr: float = 3e-3
     # gate training (`loraflow train`; the paper's zh_math recipe is 200 examples, 5 epochs, batch 4, lr 1e-3. Here
-    # lr 1e-2 for 15 epochs: on seed 0's composite dev set (never the test set) the recipe's gate still answered in
-    # English (dev loss 2.41, falling); lr 1e-2 x 5 epochs gave 1.97 and 4% dev accuracy, 3e-2 x 5 1.73 and 6%,
-    # 1e-2 x 15 1.70 and 8%)
+    # lr 1e-2 for 15 epochs: the recipe's gate answered in English, its dev loss still falling (2.41); chosen on
+    # seed 0's composite dev set (never the test set): lr 1e-2 x 5 epochs gave dev loss 1.97 and 4% dev accuracy,
+    # 3e-2 x 5 1.73 and 6%, 1e-2 x 15 1.70 and 8%)
     gate_examples: int = 200
     gate_epochs: int = 15
     gate_batch: int = 4
