@@ -6,7 +6,7 @@
 #
 # Usage: bash scripts/demo.sh [extra `loraflow demo` flags, e.g. --seed 1]
 # Variables (defaults in brackets):
-#   DEMO_SIZE [full]   full (about 15 minutes on 2 CPU cores) or small (the CI-sized run: a minute or two)
+#   DEMO_SIZE [full]   full (3 seeds at once, one process each) or small (the CI-sized run, 2 seeds: a minute or two)
 #   OUT       [outputs/demo, outputs/demo-small]   where every stage is cached; a rerun skips finished stages
 #   VENV, PYTHON, TORCH_SPEC, TORCH_INDEX_URL, PINNED: see scripts/setup_env.sh (the CPU torch wheel when no GPU
 #                      is seen; an unreachable index is skipped after a few seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -54,22 +53,31 @@ def test_chat_examples_use_the_chat_template_and_train_on_the_response_only():
 
 
 def test_composite_answers_need_both_skills_and_end_with_the_answer():
-    """An L answer holds L words (the language skill) and the equations (the task skill); its last equation's
-    result and the number of L's answer phrase are the answer, which the MGSM scorer extracts."""
-    from loraflow.eval.mgsm import score_mgsm
-
+    """An L question writes its numbers as L words only (digits appear nowhere in it), so it is understood through
+    L; the L answer holds L words (the language skill) and the equations in digits (the task skill), and ends with
+    L's answer phrase and the answer as an L number word, which is what the composite scorer reads."""
     world = World(0)
     for ex in dataset(world, "math-xx", 50, seed=0):
+        assert not any(w.isdigit() for w in ex["prompt"].split())
         words = ex["response"].split()
         assert any(world.language_of(w) == "xx" for w in words)
         assert not any(world.language_of(w) == "en" for w in words)
         assert "=" in words and ("+" in words or "-" in words)
         phrase = world.answer_phrase["xx"].split()  # L is verb-final: "<the> <answer> N <is> ."
-        assert words[-3 - len(phrase):-3] == phrase and words[-3] == str(ex["answer"])
-        assert score_mgsm(ex["response"], str(ex["answer"]))["correct"]
-        assert score_mgsm(ex["response"], str(ex["answer"]))["correct_strict"]
+        assert words[-3 - len(phrase):-3] == phrase and words[-3] == world.numerals[str(ex["answer"])]
+        assert world.l_answer(ex["response"]) == ex["answer"]
+        assert world.l_answer(f"the answer is {ex['answer']} .") is None  # a digit answer is no L answer
     en = dataset(world, "math-en", 1, seed=0)[0]
     assert en["response"].endswith(f"the answer is {en['answer']} .")
+
+
+def test_l_answer_reads_the_last_l_number_word():
+    world = World(0)
+    three, five = world.numerals["3"], world.numerals["5"]
+    assert world.l_answer(f"{three} + 2 = 5 . {five}") == 5
+    assert world.l_answer(f"{five} 2 = 3 . {three} .") == 3
+    assert world.l_answer("2 + 3 = 5 .") is None
+    assert world.language_of(three) == "xx" and world.language_of("3") is None
 
 
 def test_problems_are_consistent():
@@ -125,33 +133,29 @@ def small_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_small_demo_leaves_the_checkout_clean(small_demo):
     """The run writes under its output folder (ignored by git) only: no tracked file changes, nothing new."""
-    clone, out, _ = small_demo
+    clone, root, _ = small_demo
     assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
-    assert (out / "report" / "gate_heatmap.png").is_file()  # the heatmap was drawn, into the output folder
+    assert (root / "seed-0" / "report" / "gate_heatmap.png").is_file()  # drawn, into the output folder
 
 
 @pytest.mark.slow
 def test_small_demo_end_to_end_table_and_files(small_demo):
-    _, out, proc = small_demo
+    _, root, proc = small_demo
     assert "OMP_NUM_THREADS=1 " in proc.stderr  # demo.sh's default
-    table = (out / "report" / "table.md").read_text().splitlines()
-    assert table[0].startswith("| Method | Composite: L math (acc.) | English math (acc.)")
-    assert len(table) == 2 + len(METHODS)
-    for line, method in zip(table[2:], METHODS):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == METHOD_LABELS[method]
-        assert all(re.fullmatch(r"\d+\.\d", c) for c in cells[1:3]), line
+    out = root / "seed-0"
     results = json.loads((out / "report" / "results.json").read_text())
     assert set(results["results"]) == set(METHODS)
     for method in METHODS:
         r = results["results"][method]
         assert 0 <= r["composite_accuracy"] <= 1 and 0 <= r["english_accuracy"] <= 1
-        for lang in ("xx", "en"):  # loraflow score's outputs, one line per test item
-            scored = (out / f"eval_{method}" / lang / "predictions.scored.jsonl").read_text().splitlines()
-            n = 16 if lang == "xx" else 8
-            assert len(scored) == n and all("correct" in json.loads(s) for s in scored)
+        for lang in ("xx", "en"):  # loraflow score's outputs (xx: rescored by the L answer), one line per item
+            scored = [json.loads(s) for s in
+                      (out / f"eval_{method}" / lang / "predictions.scored.jsonl").read_text().splitlines()]
+            assert len(scored) == (16 if lang == "xx" else 8) and all("correct" in s for s in scored)
+        assert r["composite_accuracy"] == sum(s["correct"] for s in scored_xx(out, method)) / 16
     for png in (out / "report" / "gate_heatmap.png", out / "report" / "gate_layers.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (root / "seed-1" / "report" / "gate_heatmap.png").exists()  # plots: the first seed only
     gate = json.loads((out / "gate" / "gate.json").read_text())
     assert gate["lora_names"] == list(LORA_NAMES)
     assert (out / "gate" / "gate" / "summary.json").is_file()  # the `loraflow train` run itself
@@ -159,22 +163,78 @@ def test_small_demo_end_to_end_table_and_files(small_demo):
     assert len(weights["weights"]) == 2 and len(weights["history"]) == DemoConfig.of_size("small").lorahub_budget
     mean = results["mean_gate_weight_per_layer"]
     assert set(mean) == set(LORA_NAMES) and all(len(v) == 2 for v in mean.values())
+    assert json.loads((root / "seed-1" / "data" / "world.json").read_text())["seed"] == 1  # its own world
+
+
+def scored_xx(out: Path, method: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"eval_{method}" / "xx" / "predictions.scored.jsonl").open()]
+
+
+@pytest.mark.slow
+def test_small_demo_report_over_seeds_is_made_from_the_numbers(small_demo):
+    """report/: a table of mean ± sd per method over the 2 seeds, each seed's composite accuracy, and a claim
+    sentence that `claim_of` writes from the seeds' own results files (not text written by hand)."""
+    from loraflow.demo.seeds import COLUMNS, claim_of, format_table
+
+    _, root, proc = small_demo
+    report = json.loads((root / "report" / "results.json").read_text())
+    assert report["seeds"] == [0, 1]
+    per_seed = {s: json.loads((root / f"seed-{s}" / "report" / "results.json").read_text())["results"]
+                for s in (0, 1)}
+    assert report["per_seed"] == {str(s): r for s, r in per_seed.items()}
+    table = (root / "report" / "table.md").read_text()
+    assert table == format_table(per_seed)
+    lines = table.splitlines()
+    assert lines[0] == "| Method | " + " | ".join(t for _, t, _ in COLUMNS) + " |"
+    for line, method in zip(lines[2:2 + len(METHODS)], METHODS):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == METHOD_LABELS[method]
+        values = [100 * per_seed[s][method]["composite_accuracy"] for s in (0, 1)]
+        mean, sd = cells[1].split(" ± ")
+        assert float(mean) == pytest.approx(sum(values) / 2, abs=0.051)
+        assert float(sd) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=0.051)
+    claim = claim_of(per_seed)
+    assert report["claim"]["sentence"] == claim["sentence"] == (root / "report" / "claim.txt").read_text().strip()
+    assert claim["sentence"] in proc.stdout
+
+
+def _results(flow: list[float], rival: list[float]) -> dict[int, dict[str, dict]]:
+    """Per-seed results where every method but LoRA-Flow scores `rival[s]` (task LoRA) or 0."""
+    out = {}
+    for s, (f, r) in enumerate(zip(flow, rival)):
+        out[s] = {m: {"composite_accuracy": 0.0} for m in METHODS}
+        out[s]["flow"]["composite_accuracy"], out[s]["task"]["composite_accuracy"] = f, r
+    return out
+
+
+def test_claim_sentence_follows_the_numbers():
+    from loraflow.demo.seeds import claim_of
+
+    holds = claim_of(_results([0.40, 0.42, 0.38], [0.20, 0.22, 0.21]))
+    assert holds["holds"] and holds["sentence"].startswith("LoRA-Flow beats every other method")
+    assert "by 17.0 points at least and 19.0 on average" in holds["sentence"]
+    lost = claim_of(_results([0.40, 0.20, 0.38], [0.20, 0.25, 0.21]))
+    assert not lost["holds"] and "seed 1: Single LoRA: task 25.0 against LoRA-Flow 20.0" in lost["sentence"]
+    # every seed won, but by less than the seeds spread: not a clear margin
+    close = claim_of(_results([0.30, 0.60, 0.31], [0.29, 0.58, 0.30]))
+    assert not close["holds"] and "is not larger than the largest spread" in close["sentence"]
 
 
 @pytest.mark.slow
 def test_small_demo_rerun_skips_every_finished_stage(small_demo, capsys, monkeypatch, tmp_path):
-    """A rerun in-process, with another OMP_NUM_THREADS: every stage is cached, the table is the same; and
-    --update-assets is the one way to write the heatmap outside the output folder."""
-    _, out, _ = small_demo
-    before = (out / "report" / "table.md").read_text()
+    """A rerun in-process, one seed after the other, with another OMP_NUM_THREADS: every stage is cached, the
+    report is the same; and --update-assets is the one way to write the heatmap outside the output folder."""
+    _, root, _ = small_demo
+    before = (root / "report" / "table.md").read_text()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert main(["demo", "--size", "small", "--out-dir", str(out), "--update-assets", str(tmp_path / "assets")]) == 0
+    assert main(["demo", "--size", "small", "--out-dir", str(root), "--jobs", "1",
+                 "--update-assets", str(tmp_path / "assets")]) == 0
     assert torch.get_num_threads() == 1  # the demo fixed its own thread count
     printed = capsys.readouterr().out
-    assert printed.count("done already") == 6 + len(METHODS)
-    assert (out / "report" / "table.md").read_text() == before
+    assert printed.count("done already") == 2 * (6 + len(METHODS))
+    assert (root / "report" / "table.md").read_text() == before
     asset = tmp_path / "assets" / "demo_gate_heatmap.png"
-    assert asset.read_bytes() == (out / "report" / "gate_heatmap.png").read_bytes()
+    assert asset.read_bytes() == (root / "seed-0" / "report" / "gate_heatmap.png").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------------- plots
@@ -262,7 +322,8 @@ def _eval_sh(clone: Path, out: Path, tmp_path: Path, method: str = "flow", **env
 @pytest.mark.slow
 def test_eval_sh_evaluates_the_small_demos_gate(small_demo, tmp_path):
     """The README's command: the demo's own gate, base and LoRAs (names under LORA_ROOT) through scripts/eval.sh."""
-    clone, out, _ = small_demo
+    clone, root, _ = small_demo
+    out = root / "seed-0"
     proc = _eval_sh(clone, out, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"--lang-lora {out / 'lang_lora'} --task-lora {out / 'task_lora'}" in proc.stderr
@@ -275,7 +336,8 @@ def test_eval_sh_evaluates_the_small_demos_gate(small_demo, tmp_path):
 def test_eval_sh_renamed_loras_need_no_check_lora_names(small_demo, tmp_path):
     """Copies under other names (LANG_LORA / TASK_LORA as paths): the gate names lang_lora, task_lora, so loading
     it is refused with a one-line error, unless CHECK_LORA_NAMES=0 (`--no-check-lora-names`)."""
-    clone, out, _ = small_demo
+    clone, root, _ = small_demo
+    out = root / "seed-0"
     for src, dst in (("lang_lora", "xx_lora"), ("task_lora", "math_lora")):
         shutil.copytree(out / src, tmp_path / "copies" / dst)
     paths = {"LANG_LORA": str(tmp_path / "copies" / "xx_lora"), "TASK_LORA": str(tmp_path / "copies" / "math_lora")}

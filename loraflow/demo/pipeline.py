@@ -41,7 +41,7 @@ from loraflow.eval.registry import LORA_ROLES, METHODS, apply_method
 from loraflow.files import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 # Bump a stage's version when its code changes what it produces: that stage and everything after it is redone.
-STAGE_VERSIONS = {"data": 7, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 4}
+STAGE_VERSIONS = {"data": 7, "base": 3, "lang_lora": 3, "task_lora": 3, "gate": 3, "lorahub": 3, "eval": 5}
 METHOD_LABELS = {name: method.title for name, method in METHODS.items()}
 LORA_NAMES = tuple(f"{role}_lora" for role in LORA_ROLES)  # fusion order as in the paper: language LoRA first
 LANGUAGES = ("xx", "en")  # the composite task (the other language) and the English sanity check
@@ -54,24 +54,27 @@ class DemoConfig:
     size: str = "full"
     seed: int = 0
     # base model (LlamaForCausalLM)
-    hidden: int = 128
+    hidden: int = 96
     layers: int = 4
     heads: int = 4
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     # LoRAs (PEFT, all seven projections)
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
-    lora_steps: int = 300
+    lora_steps: int = 200
     lora_batch: int = 32
     lora_lr: float = 3e-3
-    # gate training (`loraflow train`, the paper's zh_math recipe: 200 examples, 5 epochs, batch 4, lr 1e-3)
+    # gate training (`loraflow train`; the paper's zh_math recipe is 200 examples, 5 epochs, batch 4, lr 1e-3. Here
+    # lr 1e-2 for 15 epochs: the recipe's gate answered in English, its dev loss still falling (2.41); chosen on
+    # seed 0's composite dev set (never the test set): lr 1e-2 x 5 epochs gave dev loss 1.97 and 4% dev accuracy,
+    # 3e-2 x 5 1.73 and 6%, 1e-2 x 15 1.70 and 8%)
     gate_examples: int = 200
-    gate_epochs: int = 5
+    gate_epochs: int = 15
     gate_batch: int = 4
-    gate_lr: float = 1e-3
+    gate_lr: float = 1e-2
     dev_examples: int = 50  # composite dev set: `loraflow train` keeps the epoch with the lowest dev loss
     # LoRA-Hub (loraflow.train.lorahub defaults: NGOpt, 40 evaluations, on the gate's training examples)
     lorahub_budget: int = 40
@@ -282,10 +285,15 @@ def make_eval(cfg: DemoConfig, method: str, base: Path, loras: list[Path], gate:
                                           language=lang)["metrics"]
     world = World(cfg.seed)
     rows = read_jsonl(out / "xx" / "predictions.scored.jsonl")
+    refs = read_jsonl(data / "test" / "xx_math_test.jsonl")
+    composite = [world.l_answer(r["generation"]) == int(ref["answer"]) for r, ref in zip(rows, refs)]
+    for r, ok in zip(rows, composite):
+        r["correct_digits"], r["correct"] = r["correct"], ok
+    _write_jsonl(out / "xx" / "predictions.scored.jsonl", rows)
     shares = [l_word_share(world, r["generation"]) for r in rows]
     words = [w for r in rows for w in r["generation"].split() if world.language_of(w)]
-    summary = {"method": method, "composite_accuracy": results["xx"]["accuracy"],
-               "composite_accuracy_strict": results["xx"]["accuracy_strict"],
+    summary = {"method": method, "composite_accuracy": _mean(composite),
+               "composite_digit_accuracy": results["xx"]["accuracy"],
                "english_accuracy": results["en"]["accuracy"],
                "composite_l_word_share": _mean(world.language_of(w) == "xx" for w in words),
                "composite_correct_in_l": _mean(r["correct"] and s is not None and s >= IN_L
@@ -310,7 +318,8 @@ def _mean(xs) -> float:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| Method | Composite: L math (acc.) | English math (acc.) | L words in L answers | correct and in L |",
+    lines = ["| Method | Composite: L math, answer in L (acc.) | English math (acc.) | L words in L answers "
+             "| correct and in L |",
              "|---|---|---|---|---|"]
     for m, r in results.items():
         lines.append(f"| {METHOD_LABELS[m]} | {100 * r['composite_accuracy']:.1f} | "

@@ -23,16 +23,24 @@ def write_plots(cfg, out: Path, base: Path, loras: list[Path], gate: Path,
     flow = load_flow(base, loras, gate)
     tok = load_tokenizer(base)
     preds = read_jsonl(out / "eval_flow" / "xx" / "predictions.scored.jsonl")  # written by `loraflow score`
+    if not any(r["generation"].strip() for r in preds):
+        # every answer empty (an untrained gate, as in the CI-sized run): draw the weights over the reference
+        # answers instead, teacher-forced, and say so in the titles
+        refs = read_jsonl(out / "data" / "test" / "xx_math_test.jsonl")
+        preds = [{**r, "generation": ref["response"], "correct": False, "reference": True}
+                 for r, ref in zip(preds, refs)]
+    what = "reference answer" if preds[0].get("reference") else "generated token"
     shown = next((r for r in preds if r["correct"] and r["generation"].strip()),
-                 next((r for r in preds if r["generation"].strip()), preds[0]))
+                 next(r for r in preds if r["generation"].strip()))
     weights, tokens = record_teacher_forced(flow, tok, shown["prompt"], shown["generation"])
     heatmap = gate_heatmap(weights, tokens, flow.lora_names, report / "gate_heatmap.png",
-                           f"LoRA-Flow gate weight per layer and generated token (L test item {shown['id']}, "
-                           f"{'correct' if shown['correct'] else 'wrong'})")
+                           f"LoRA-Flow gate weight per layer and {what} (L test item {shown['id']}, "
+                           f"{'correct' if shown['correct'] else 'wrong' if what.startswith('gen') else 'reference'})")
     items = [r for r in preds if r["generation"].strip()][:BAR_ITEMS]
     mean = mean_layer_weights(flow, tok, items)
     bars = layer_bars(mean, flow.lora_names, report / "gate_layers.png",
-                      f"LoRA-Flow: mean gate weight per layer over {len(items)} L test answers")
+                      f"LoRA-Flow: mean gate weight per layer over {len(items)} L test "
+                      f"{'answers' if what.startswith('gen') else 'reference answers'}")
     files = {"heatmap": heatmap, "layer_bars": bars}
     if assets is not None:
         assets.mkdir(parents=True, exist_ok=True)

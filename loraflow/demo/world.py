@@ -122,8 +122,20 @@ class World:
                     break
             taken.add(invented)
             self.lexicon[word] = invented
+        # L writes its numbers as words (English writes digits); equations are digits in both languages, as Chinese
+        # solutions write Arabic numerals: reading an L question's numbers, and writing the L answer, is L
+        self.numerals = {}
+        for n in range(MAX_NUMBER + 1):
+            while True:
+                invented = "".join(rng.choice(ONSETS) + rng.choice(NUCLEI) for _ in range(2)) + rng.choice(CODAS)
+                if invented not in taken:
+                    break
+            taken.add(invented)
+            self.numerals[str(n)] = invented
+        self.numeral_value = {w: int(n) for n, w in self.numerals.items()}
         # the words before N in "the answer is N ." (L is verb-final: "<the> <answer> N <is> .")
-        self.answer_phrase = {lang: self.realize([_answer_clause(0)], lang).split(" 0")[0] for lang in ("en", "xx")}
+        self.answer_phrase = {lang: self.realize([_answer_clause(0)], lang).split(f" {num}")[0]
+                              for lang, num in (("en", "0"), ("xx", self.numerals["0"]))}
 
     # ------------------------------------------------------------------------------------------- vocabulary
     @staticmethod
@@ -135,7 +147,7 @@ class World:
     def vocabulary(self) -> list[str]:
         """Every token of the world, specials first (ids 0..3 = <unk> <s> </s> <pad>)."""
         words = [*SPECIALS, *CHAT, PARALLEL, *PUNCT, *(str(n) for n in range(MAX_NUMBER + 1)), *NAMES]
-        words += sorted(set(self.english_words())) + sorted(self.lexicon.values())
+        words += sorted(set(self.english_words())) + sorted(self.lexicon.values()) + sorted(self.numerals.values())
         assert len(words) == len(set(words)), "vocabulary collision"
         return words
 
@@ -149,11 +161,17 @@ class World:
 
     @property
     def _l_words(self) -> set[str]:
-        return set(self.lexicon.values())
+        return set(self.lexicon.values()) | set(self.numerals.values())
+
+    def l_answer(self, text: str) -> int | None:
+        """The composite answer: the value of the last L number word of `text` (None when it has none). A digit
+        answer does not count: the question's numbers are L words, and so must the answer be."""
+        values = [self.numeral_value[w] for w in text.split() if w in self.numeral_value]
+        return values[-1] if values else None
 
     # ---------------------------------------------------------------------------------------- realisation
     def translate(self, words) -> list[str]:
-        return [self.lexicon.get(w, w) for w in words]
+        return [self.lexicon.get(w, self.numerals.get(w, w)) for w in words]
 
     def realize(self, parts, lang: str) -> str:
         """Clauses and equations -> one pre-tokenised string in `lang` ("en" or "xx")."""
