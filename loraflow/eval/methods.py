@@ -7,7 +7,6 @@ caller once searched (`lorahub_examples` gives the search its training examples)
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,13 +54,8 @@ def lorahub_examples(task: Benchmark, language: str, data_root: str | os.PathLik
 
 def gate_sha256(path: str | os.PathLike) -> str | None:
     """sha256 of a gate's tensor file (None when there is none)."""
+    from loraflow.files import sha256_file
     from loraflow.fusion.checkpoints import gate_files
 
     tensor_file = gate_files(Path(path))[0]
-    if not tensor_file.is_file():
-        return None
-    h = hashlib.sha256()
-    with tensor_file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(tensor_file) if tensor_file.is_file() else None
