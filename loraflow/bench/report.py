@@ -161,12 +161,13 @@ def _train_table(part: dict) -> list[str]:
     if fsdp:
         lines += [f"**Host memory of loading + one gate step, {fsdp['processes']} gloo processes** (model "
                   f"{fsdp['model_MiB']} MiB on disk; {fsdp['method']})", "",
-                  "| setting | MiB per process | total MiB |", "|---|---|---|"]
+                  "| setting | loading, MiB per process | loading + step, MiB per process | total MiB |",
+                  "|---|---|---|---|"]
         for name in ("no_fsdp", "fsdp"):
             row = fsdp[name]
-            cells = (" / ".join(str(v) for v in row["MiB"]), row["total_MiB"]) if "MiB" in row else (
-                "; ".join(row["errors"])[:200], "–")
-            lines.append(f"| {'--fsdp' if name == 'fsdp' else 'without --fsdp'} | {cells[0]} | {cells[1]} |")
+            cells = (" / ".join(str(v) for v in row["load_MiB"]), " / ".join(str(v) for v in row["MiB"]),
+                     row["total_MiB"]) if "MiB" in row else ("; ".join(map(str, row["errors"]))[:200], "–", "–")
+            lines.append(f"| {'--fsdp' if name == 'fsdp' else 'without --fsdp'} | {' | '.join(map(str, cells))} |")
         lines.append("")
     return lines
 

@@ -171,20 +171,23 @@ def _fsdp_child(rank, world, port, shape, base_dir, loras, batch, seq, fsdp, que
                           MASTER_PORT=str(port))
         torch.set_num_threads(1)
         from loraflow.fusion.layers import example_dropout_key
+        from loraflow.train.distributed import meta_base_model
         from loraflow.train.recipe import load_flow_model, train_step
 
         info = init_distributed("cpu")
+        meta_base_model(str(base_dir), torch.float32)  # imports the model code first: it is not the model's memory
         before = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS: the peak from here on, loading included
         flow = load_flow_model(str(base_dir), [str(p) for p in loras], torch.float32, info, fsdp=fsdp)
+        loaded = (_status_kib("VmHWM") - before) * 1024  # the peak of loading (and sharding) alone
         flow.train()
         optimizer = torch.optim.AdamW(flow.gate_parameters(), lr=1e-4)
         examples, _ = _examples(shape, batch, seq, info.device)
         keys = [[example_dropout_key(0, 0, p) for p in range(rank, batch, world)]]
         train_step(flow, optimizer, [examples[rank::world]], pad_id=3, lr=1e-4, clip=1.0, autocast=nullcontext(),
                    info=info, dropout_keys=keys)
-        queue.put((rank, (_status_kib("VmHWM") - before) * 1024))
+        queue.put((rank, [loaded, (_status_kib("VmHWM") - before) * 1024]))
     except Exception as e:  # reported in the results, never hangs the parent
         queue.put((rank, f"{type(e).__name__}: {e}"))
     finally:
@@ -193,7 +196,8 @@ def _fsdp_child(rank, world, port, shape, base_dir, loras, batch, seq, fsdp, que
 
 def fsdp_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, processes: int = 2) -> dict:
     """Peak host memory per process of loading + one gate step on `processes` gloo processes, without and with
-    FSDP (see the module doc). Bytes per rank, and MiB per rank and summed."""
+    FSDP (see the module doc): per rank, the peak of loading alone (`load_MiB`) and with the step (`MiB`), and the
+    sum of the latter."""
     ctx = multiprocessing.get_context("spawn")
     out: dict = {"processes": processes, "method": "cpu peak RSS rise (VmHWM) from before loading, per process"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,10 +222,12 @@ def fsdp_memory(shape: ModelShape, loras: list[Path], batch: int, seq: int, proc
                     if proc.is_alive():
                         proc.kill()
             per_rank = [results.get(rank) for rank in range(processes)]
-            errors = [v for v in per_rank if not isinstance(v, int)]
+            errors = [v for v in per_rank if not isinstance(v, list)]
             out[name] = {"bytes": per_rank, "errors": errors} if errors else {
-                "bytes": per_rank, "MiB": [round(v / 2**20, 1) for v in per_rank],
-                "total_MiB": round(sum(per_rank) / 2**20, 1)}
+                "bytes": [v[1] for v in per_rank], "load_bytes": [v[0] for v in per_rank],
+                "load_MiB": [round(v[0] / 2**20, 1) for v in per_rank],
+                "MiB": [round(v[1] / 2**20, 1) for v in per_rank],
+                "total_MiB": round(sum(v[1] for v in per_rank) / 2**20, 1)}
     return out
 
 

@@ -139,14 +139,36 @@ def meta_base_model(source: str, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _receive_weights(model, full: dict, info: DistInfo) -> None:
+    """Fill every rank's parameters from rank 0's whole tensors (`full`, empty elsewhere), one tensor at a time so
+    that no rank holds more than one whole tensor beyond its shards. FSDP2 shards dim 0 as `torch.chunk` does."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        whole = full[name].to(info.device) if info.master else torch.empty(
+            param.shape, dtype=param.dtype, device=info.device)
+        dist.broadcast(whole, src=0)
+        with torch.no_grad():
+            if isinstance(param, DTensor):
+                local = param.to_local()
+                chunks = torch.chunk(whole, info.world_size, dim=0)
+                part = chunks[info.rank] if info.rank < len(chunks) else whole[:0]
+                if local.shape != part.shape:
+                    raise RuntimeError(f"--fsdp: shard of {name} is {tuple(local.shape)}, expected {tuple(part.shape)}")
+                local.copy_(part)
+            else:
+                param.copy_(whole)
+        del whole
+
+
 def shard_fsdp(flow, info: DistInfo) -> None:
     """FSDP2: shard each decoder layer, then the root, over all processes; the gates stay whole (ignored).
 
     Rank 0 holds the whole FlowModel on the CPU (or on `info.device`); the other ranks hold it on the meta device
     (`meta_base_model`: no weights in their RAM). After `fully_shard` (which moves rank 0's shards to the mesh's
-    device) the other ranks allocate their shards (`to_empty`) and receive them from rank 0, then every buffer
-    (rotary tables and the like, which no state dict holds) is broadcast from rank 0. So host memory is one whole
-    model (rank 0) plus one shard per other rank, not a whole model per process.
+    device) the other ranks allocate their shards (`to_empty`) and receive them from rank 0 tensor by tensor, then
+    every buffer (rotary tables and the like, which no state dict holds) is broadcast from rank 0. So host memory is
+    one whole model (rank 0) plus one shard per other rank, not a whole model per process.
 
     The frozen parameters have no gradients, so FSDP only all-gathers weights (forward, and again in backward to
     pass activation gradients down to earlier gates); the gate gradients are summed by `all_reduce_gate_grads`
@@ -154,7 +176,6 @@ def shard_fsdp(flow, info: DistInfo) -> None:
     """
     if not info.enabled:
         raise LoraflowError("--fsdp needs a process group: start the run with torchrun (scripts/train.sh FSDP=1)")
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -169,7 +190,7 @@ def shard_fsdp(flow, info: DistInfo) -> None:
     fully_shard(flow.model, mesh=mesh, ignored_params=gates)
     if not info.master:
         flow.model.to_empty(device=info.device)  # this rank's shards (and the gates, buffers), uninitialised
-    set_model_state_dict(flow.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _receive_weights(flow.model, full, info)
     del full
     for gate in flow.gates():  # ignored parameters are not moved by fully_shard
         gate.to(info.device)
