@@ -69,33 +69,27 @@ def load_base_model(base: str | os.PathLike, gguf_file: str | None = None, **kwa
     """`AutoModelForCausalLM.from_pretrained` on a checked base; a GGUF file is dequantized (`pip install gguf`)."""
     from transformers import AutoModelForCausalLM
 
-    source, gguf_file = resolve_base(base, gguf_file)
-    if gguf_file is not None:
-        from loraflow.convert.gguf import require_gguf
-
-        require_gguf()
-        kwargs["gguf_file"] = gguf_file
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise LoraflowError(f"cannot load the base model {base}: {first_line(e)}") from None
+    return _from_pretrained(AutoModelForCausalLM, "the base model", base, gguf_file, True, kwargs)
 
 
 def load_base_tokenizer(base: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer beside the base model (or in its GGUF file)."""
     from transformers import AutoTokenizer
 
-    source, gguf_file = resolve_base(base, gguf_file, need_config=False)
-    kwargs = {}
+    return _from_pretrained(AutoTokenizer, "a tokenizer from", base, gguf_file, False, {})
+
+
+def _from_pretrained(auto_class, what: str, base, gguf_file: str | None, need_config: bool, kwargs: dict):
+    source, gguf_file = resolve_base(base, gguf_file, need_config=need_config)
     if gguf_file is not None:
         from loraflow.convert.gguf import require_gguf
 
         require_gguf()
-        kwargs["gguf_file"] = gguf_file
+        kwargs = {**kwargs, "gguf_file": gguf_file}
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise LoraflowError(f"cannot load a tokenizer from {base}: {first_line(e)}") from None
+        raise LoraflowError(f"cannot load {what} {base}: {first_line(e)}") from None
 
 
 def first_line(e: BaseException) -> str:
