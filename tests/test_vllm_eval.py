@@ -63,6 +63,7 @@ def test_vllm_predictions_equal_hf_predictions(setup, tmp_path, method):
     hf, vllm = (_rows(tmp_path / e / "mgsm_zh" / method / "predictions.jsonl") for e in ("hf", "vllm"))
     assert [r["id"] for r in vllm] == [r["id"] for r in hf]
     assert [r["generation"] for r in vllm] == [r["generation"] for r in hf]
+    assert [r["generation_original"] for r in vllm] == [r["generation_original"] for r in hf]  # faithful view too
     assert all(r["generation"] for r in vllm)
     results = json.loads((tmp_path / "vllm" / "mgsm_zh" / method / "results.json").read_text())
     assert results["config"]["engine"] == "vllm" and results["counts"]["ids_scored"] == 4

@@ -166,11 +166,18 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], config
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=gen_config, stopping_criteria=criteria)
-    texts = [decode_generation(tokenizer, row[width:].tolist(), eos, config.stop) for row in out.cpu()]
+    return decode_rows(tokenizer, prompt_ids, [row[width:].tolist() for row in out.cpu()], eos, config.stop, prompts)
+
+
+def decode_rows(tokenizer, prompt_ids: Sequence[Sequence[int]], new_ids: Sequence[Sequence[int]], eos: Sequence[int],
+                stop: Sequence[str], prompts: Sequence[str] | None = None) -> list[str] | list[tuple[str, str]]:
+    """The texts of a batch's generated ids (whatever engine generated them); with `prompts`, `(generation,
+    generation as the original saw it)` pairs."""
+    texts = [decode_generation(tokenizer, row, eos, stop) for row in new_ids]
     if prompts is None:
         return texts
-    return [(text, decode_as_original(tokenizer, ids, row[width:].tolist(), prompt, eos, config.stop))
-            for text, ids, row, prompt in zip(texts, prompt_ids, out.cpu(), prompts, strict=True)]
+    return [(text, decode_as_original(tokenizer, ids, row, prompt, eos, stop))
+            for text, ids, row, prompt in zip(texts, prompt_ids, new_ids, prompts, strict=True)]
 
 
 def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
@@ -188,12 +195,13 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodeConfig,
             for start in range(0, len(order), config.batch_size):
                 batch = order[start:start + config.batch_size]
                 ids = [encoded[i] for i in batch]
+                texts_of = [prompts[i] for i in batch] if config.original_view else None
                 engine_batch = getattr(model, "loraflow_generate_batch", None)  # another engine: loraflow.vllm.engine
-                if engine_batch is not None:  # it returns the new text only (no `generation_original` view)
-                    texts = engine_batch(tokenizer, ids, config)
+                if engine_batch is not None:  # it returns each row's new token ids; both views are decoded here
+                    texts = decode_rows(tokenizer, ids, engine_batch(tokenizer, ids, config), eos_ids(tokenizer, model),
+                                        config.stop, texts_of)
                 else:
-                    extra = {"prompts": [prompts[i] for i in batch]} if config.original_view else {}
-                    texts = generate_batch(model, tokenizer, ids, config, **extra)
+                    texts = generate_batch(model, tokenizer, ids, config, prompts=texts_of)
                 bar.update(len(batch))
                 yield list(zip(batch, texts))
     finally:

@@ -2,8 +2,9 @@
 as the Hugging Face path (`loraflow.eval.generate`), with vLLM doing the decoding.
 
 `VLLMGenerator` stands in for the model in `generate_predictions` (through its `loraflow_generate_batch`): it
-takes the already encoded (and cut) prompt ids of one batch and returns the texts, decoded from the generated ids
-by the same `decode_generation` (EOS ids and stop strings handled identically). So `predictions.jsonl`, its
+takes the already encoded (and cut) prompt ids of one batch and returns the generated token ids, which
+`loraflow.eval.generate.decode_rows` decodes as it does HF's (EOS ids, stop strings, and `generation_original`,
+the text as the original harness saw it). So `predictions.jsonl`, its
 resume and its scoring do not change; only larger batches pay off more (vLLM schedules a whole batch at
 once, so raise --batch-size).
 
@@ -43,16 +44,17 @@ class VLLMGenerator:
     def train(self, mode: bool = True):
         return self
 
-    def loraflow_generate_batch(self, tokenizer, prompt_ids: Sequence[Sequence[int]], config) -> list[str]:
+    def loraflow_generate_batch(self, tokenizer, prompt_ids: Sequence[Sequence[int]], config) -> list[list[int]]:
+        """Greedy new token ids of every prompt (`loraflow.eval.generate` decodes them, as it does HF's)."""
         from vllm import SamplingParams
 
-        from loraflow.eval.generate import decode_generation, eos_ids
+        from loraflow.eval.generate import eos_ids
 
         eos = eos_ids(tokenizer, self)
         params = SamplingParams(temperature=0.0, max_tokens=config.max_new_tokens, stop_token_ids=eos,
                                 stop=list(config.stop) or None, include_stop_str_in_output=True)
         outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
-        return [decode_generation(tokenizer, list(out.outputs[0].token_ids), eos, config.stop) for out in outputs]
+        return [list(out.outputs[0].token_ids) for out in outputs]
 
     def close(self) -> None:
         from loraflow.vllm.check import shutdown
