@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loraflow.errors import LoraflowError
+from loraflow.errors import LoraflowError, first_line
 
 
 def looks_local(text: str) -> bool:
@@ -91,7 +91,3 @@ def _from_pretrained(auto_class, what: str, base, gguf_file: str | None, need_co
     except (OSError, ValueError) as e:
         raise LoraflowError(f"cannot load {what} {base}: {first_line(e)}") from None
 
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

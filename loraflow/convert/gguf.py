@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loraflow import __version__
-from loraflow.errors import LoraflowError
+from loraflow.errors import LoraflowError, first_line
 from loraflow.files import atomic_write_json, sha256_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +69,7 @@ def load_gguf_model(path: str | os.PathLike, gguf_file: str | None = None, dtype
     try:
         return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise LoraflowError(f"cannot load the GGUF model {Path(folder) / name}: {_first_line(e)}") from None
+        raise LoraflowError(f"cannot load the GGUF model {Path(folder) / name}: {first_line(e)}") from None
 
 
 def load_gguf_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
@@ -81,7 +81,7 @@ def load_gguf_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError) as e:
-        raise LoraflowError(f"cannot load the tokenizer of {Path(folder) / name}: {_first_line(e)}") from None
+        raise LoraflowError(f"cannot load the tokenizer of {Path(folder) / name}: {first_line(e)}") from None
 
 
 def dequantized_for_saving(model) -> None:
@@ -116,7 +116,3 @@ def convert_gguf_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
            "written": f"{out}: written"}[stage.status], file=sys.stderr)
     return stage.status
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
