@@ -222,7 +222,7 @@ def test_lm_eval_loglikelihoods_equal_flowmodels(tiny, tmp_path, engine, one_thr
         rolled.append(sum(score for score, _ in want[i:i + len(w)]))
         i += len(w)
     got_roll = [float(s["resps"][0][0]) for s in _samples(tmp_path / "lm", "tiny_roll")]
-    assert got_roll == pytest.approx(rolled, abs=tol * 10)
+    assert got_roll == pytest.approx(rolled, abs=tol)
 
 
 @needs_lm_eval
