@@ -101,12 +101,9 @@ def test_lm_eval_mgsm_gives_loraflow_evals_generations_and_answers(tiny, loraflo
     assert generations == [p["generation"] for p in predictions]
     assert all(generations)  # something was generated: the comparison is not between empty strings
     assert generations == [p["generation_original"] for p in predictions]  # the byte tokenizer: one view
-    from loraflow.eval.mgsm import extract_faithful, score_mgsm
-
-    assert [extract_faithful(g) for g in generations] == [extract_faithful(p["generation_original"])
-                                                          for p in predictions]
-    verdicts = [score_mgsm(p["generation_original"], s["doc"]["answer"]) for p, s in zip(predictions, samples)]
-    assert [s["accuracy"] for s in samples] == [float(v["correct"]) for v in verdicts]
+    scored = [json.loads(line) for line in (run / "predictions.scored.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [s["accuracy"] for s in samples] == [float(r["correct"]) for r in scored]  # loraflow score's verdicts
+    assert [s["accuracy_strict"] for s in samples] == [float(r["correct_strict"]) for r in scored]
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     lm = _results(tmp_path / "lm")["loraflow_mgsm_zh"]
     assert lm["accuracy,none"] == results["metrics"]["accuracy"]
@@ -129,6 +126,29 @@ def test_lm_eval_task_writes_the_prompts_of_loraflow_eval(loraflow_data, tmp_pat
     assert "max_gen_toks: 512" in yaml_text and "until: []" in yaml_text  # the benchmark's: EOS only, 512 tokens
     assert main(["lm-eval-task", "mgsm", "--language", "es", "--data-root", str(loraflow_data), "--out-dir",
                  str(tmp_path)]) == 2  # refuses to overwrite
+
+
+def test_the_tasks_metric_is_loraflow_scores_verdict(loraflow_data, tmp_path):
+    """`process_mgsm_results` (the task's metric hook) gives `loraflow score`'s faithful and strict verdicts, on
+    answers that are right by one rule, by both, or by none."""
+    from loraflow.eval.registry import BENCHMARKS, load_records
+    from loraflow.lmeval.tasks import process_mgsm_results
+
+    records = load_records(BENCHMARKS["mgsm"], "zh", loraflow_data)[0][:5]
+    golds = [str(r["answer"]) for r in records]
+    texts = [f"所以答案是 {golds[0]}。The answer is: {golds[0]}", f"#### {golds[1]}", f"{golds[2]} 颗蛋",
+             f"答案是{golds[3]}，不是 {int(golds[3]) + 1}", "不知道"]
+    rows = [{"id": str(r["id"]), "task": "mgsm", "language": "zh", "split": "test", "method": "flow", "prompt": "p",
+             "generation": t} for r, t in zip(records, texts)]
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert main(["score", "--task", "mgsm", "--language", "zh", "--predictions", str(predictions), "--data-root",
+                 str(loraflow_data)]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "predictions.scored.jsonl").read_text().splitlines()]
+    got = [process_mgsm_results({"answer": g}, [t]) for g, t in zip(golds, texts)]
+    assert got == [{"accuracy": float(r["correct"]), "accuracy_strict": float(r["correct_strict"])} for r in scored]
+    assert {g["accuracy"] for g in got} == {0.0, 1.0} and {g["accuracy_strict"] for g in got} == {0.0, 1.0}
+    assert any(g["accuracy"] != g["accuracy_strict"] for g in got)  # the two rules disagree on one of them
 
 
 # ---------------------------------------------------------------------------------------------- likelihoods
