@@ -112,16 +112,22 @@ def test_lm_eval_mgsm_gives_loraflow_evals_generations_and_answers(tiny, loraflo
     assert lm["accuracy_strict,none"] == results["metrics"]["accuracy_strict"]
 
 
-def test_lm_eval_task_writes_the_prompts_of_loraflow_eval(loraflow_data, tmp_path):
+@pytest.mark.parametrize("style", ["faithful", "chat-template"])
+def test_lm_eval_task_writes_the_prompts_of_loraflow_eval(loraflow_data, tmp_path, style):
     from loraflow.eval.registry import BENCHMARKS, build_prompt, load_records, load_system_prompts
+    from loraflow.tiny import tiny_tokenizer
 
+    tokenizer = tiny_tokenizer()  # a Llama-2-style chat template
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
     assert main(["lm-eval-task", "mgsm", "--language", "es", "--data-root", str(loraflow_data), "--out-dir",
-                 str(tmp_path), "--limit", "3"]) == 0
+                 str(tmp_path), "--limit", "3", "--prompt-style", style, "--tokenizer",
+                 str(tmp_path / "tokenizer")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "loraflow_mgsm_es.jsonl").read_text(encoding="utf-8").splitlines()]
     records, _ = load_records(BENCHMARKS["mgsm"], "es", loraflow_data)
     system = load_system_prompts(loraflow_data)
-    assert [r["prompt"] for r in rows] == [build_prompt(BENCHMARKS["mgsm"], r, "es", "faithful", system)
+    assert [r["prompt"] for r in rows] == [build_prompt(BENCHMARKS["mgsm"], r, "es", style, system, tokenizer)
                                            for r in records[:3]]
+    assert rows[0]["prompt"].startswith("[INST]" if style == "faithful" else "<<SYS>>")  # the two styles differ
     assert [r["answer"] for r in rows] == [r["answer"] for r in records[:3]]
     yaml_text = (tmp_path / "loraflow_mgsm_es.yaml").read_text(encoding="utf-8")
     assert "max_gen_toks: 512" in yaml_text and "until: []" in yaml_text  # the benchmark's: EOS only, 512 tokens
@@ -264,6 +270,26 @@ def test_greedy_only_and_an_empty_context_is_the_bos_token(tiny):
     tokens = lm.tokenizer("hello", add_special_tokens=False)["input_ids"]
     (want,) = _direct_scores(tiny["folder"], [([lm.tokenizer.bos_token_id] + tokens, len(tokens))])
     assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == want[1]
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_lm_evals_apply_chat_template_uses_the_tokenizers_template(tiny, loraflow_data, tmp_path, one_thread):
+    """`--apply_chat_template` (lm-eval's own flag, for tasks whose prompts are plain text): the context lm-eval
+    logs is the doc's text as the user turn of the tokenizer's chat template."""
+    from loraflow.bases import load_base_tokenizer
+
+    assert main(["lm-eval-task", "mgsm", "--language", "zh", "--data-root", str(loraflow_data), "--out-dir",
+                 str(tmp_path / "tasks"), "--limit", "2", "--max-new-tokens", "4"]) == 0
+    assert main(["lm-eval", "--model", "loraflow", "--model_args", f"folder={tiny['folder']},engine=hf,max_length=1200",
+                 "--include_path", str(tmp_path / "tasks"), "--tasks", "loraflow_mgsm_zh", "--apply_chat_template",
+                 "--output_path", str(tmp_path / "lm"), "--log_samples"]) == 0
+    tokenizer = load_base_tokenizer(str(tiny["folder"]))
+    samples = _samples(tmp_path / "lm", "loraflow_mgsm_zh")
+    assert [s["arguments"]["gen_args_0"]["arg_0"] for s in samples] == [
+        tokenizer.apply_chat_template([{"role": "user", "content": s["doc"]["prompt"]}], tokenize=False,
+                                      add_generation_prompt=True) for s in samples]
+    assert all(s["doc"]["prompt"] in s["arguments"]["gen_args_0"]["arg_0"] != s["doc"]["prompt"] for s in samples)
 
 
 # --------------------------------------------------------------------------------------------------- errors

@@ -10,7 +10,8 @@
 - `dtype` (float32), `max_length` (the model's context; under vLLM two less), `max_gen_toks` (256, when a task
   gives none), `tensor_parallel_size` (1; vLLM).
 lm-eval's own `--batch_size N` (a number; not `auto`) and `--device` (HF; lm-eval's default `cuda:0` means CUDA
-when there is a GPU, else the CPU) reach the model too.
+when there is a GPU, else the CPU) reach the model too, and `--apply_chat_template` renders a task's messages with
+the tokenizer's own chat template.
 
 Requests, per engine:
 - `generate_until`: greedy only (a task asking to sample is refused), `until` and `max_gen_toks` honoured. It runs
@@ -153,6 +154,25 @@ class LoraflowLM(TemplateLM):
         if add_special_tokens is None:
             add_special_tokens = not prompt_has_bos(self.tokenizer, string)
         return list(self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # ---------------------------------------------------------------------------------- lm-eval's chat flags
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval's request cache is keyed by (with --apply_chat_template)."""
+        return str(self.folder.resolve()).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's --apply_chat_template: the messages through the tokenizer's own chat template (the text; BOS,
+        when the template writes it, is then not added again)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LoraflowError(f"--apply_chat_template: the tokenizer of {self.folder} has no chat template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     # -------------------------------------------------------------------------------------------- generation
 
