@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-table": ("loraflow.eval.table", "the paper's results table from results.json files, beside its numbers"),
     "plot-gates": ("loraflow.plots", "plot a FlowModel's gate weights: per layer × token heatmap, per-layer bars"),
     "bench": ("loraflow.bench.cli", "benchmarks, side by side in one process: fused layer vs per-LoRA loop, ..."),
+    "lm-eval": ("loraflow.lmeval.cli", "lm-evaluation-harness's CLI with the `loraflow` model (a model folder)"),
+    "lm-eval-task": ("loraflow.lmeval.tasks", "a local lm-eval task (YAML + JSONL): MGSM with loraflow's prompts"),
     "score": ("loraflow.eval.score", "score a predictions.jsonl (MGSM, HumanEval, dev sets) and write results.json"),
 }
 
@@ -56,15 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=f"loraflow {name}",
-        description=(module.__doc__ or help_text).strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    run_argv = getattr(module, "run_argv", None)  # a command that hands all its arguments to another CLI (lm-eval)
+    if run_argv is None:
+        parser = argparse.ArgumentParser(
+            prog=f"loraflow {name}",
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        return int((module.run(args) if run_argv is None else run_argv(rest)) or 0)
     except LoraflowError as e:
         print(f"error: {e}", file=sys.stderr)
         from loraflow.launch import report_error

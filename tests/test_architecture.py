@@ -21,7 +21,8 @@ LAYERS = [
     ("core", ("loraflow.fusion", "loraflow.data.records", "loraflow.eval.mgsm", "loraflow.eval.humaneval",
               "loraflow.eval.sandbox", "loraflow.convert.shards", "loraflow.convert.gguf", "loraflow.bases")),
     ("library", ("loraflow.tiny", "loraflow.eval", "loraflow.train", "loraflow.convert", "loraflow.data",
-                 "loraflow.plots", "loraflow.launch", "loraflow.vllm", "loraflow.gpu_check")),
+                 "loraflow.plots", "loraflow.launch", "loraflow.vllm", "loraflow.gpu_check",
+                 "loraflow.lmeval")),
     ("bench", ("loraflow.bench", "loraflow.demo")),
     ("cli", ("loraflow.cli", "loraflow.export")),
 ]

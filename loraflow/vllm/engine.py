@@ -56,6 +56,21 @@ class VLLMGenerator:
         outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
         return [list(out.outputs[0].token_ids) for out in outputs]
 
+    def loraflow_score_tokens(self, sequences: Sequence[Sequence[int]], scored: Sequence[int],
+                              progress: bool = False) -> list[tuple[float, bool]]:
+        """(sum of the log-probs of the last `scored[i]` tokens of `sequences[i]` given the tokens before them,
+        whether each of those tokens is the greedy one), from vLLM's prompt logprobs (one forward per sequence)."""
+        from vllm import SamplingParams
+
+        # prompt_logprobs=1: each prompt position gets its own token's logprob and rank (1 = the argmax)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in sequences], params, use_tqdm=progress)
+        results = []
+        for out, ids, n in zip(outputs, sequences, scored, strict=True):
+            entries = [out.prompt_logprobs[t][ids[t]] for t in range(len(ids) - n, len(ids))]
+            results.append((float(sum(e.logprob for e in entries)), all(e.rank == 1 for e in entries)))
+        return results
+
     def close(self) -> None:
         from loraflow.vllm.check import shutdown
 
