@@ -74,9 +74,10 @@ class FlowLayerMixin:
                 base = getattr(getattr(self, parent), linear)
                 if name in ("o_lora", "down_lora"):  # row-parallel
                     module = RowLoRA(base.input_size_per_partition, base.output_size_per_partition, segments[0],
-                                     base.tp_size, static)
+                                     base.tp_size, static, k=block["k"])
                 else:
-                    module = ColumnLoRA(base.input_size, list(base.output_partition_sizes), segments, static)
+                    module = ColumnLoRA(base.input_size, list(base.output_partition_sizes), segments, static,
+                                        k=block["k"])
             setattr(self, name, module)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
