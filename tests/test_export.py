@@ -92,6 +92,25 @@ def test_cli_export_and_refusals(parts, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
+@pytest.mark.parametrize("name, flags, want", [("zh_math.pt", [], 1.1), ("es_code.pt", [], 1.0),
+                                               ("gate.pt", [], 1.0), ("zh_math.pt", ["--temperature", "1.3"], 1.3)])
+def test_cli_export_takes_the_temperature_by_evals_rule(parts, tmp_path, capsys, name, flags, want):
+    """An original .pt gate records no temperature: export takes the pair's default from its name, as eval does."""
+    from transformers import AutoConfig
+
+    from loraflow.tiny import tiny_original_gate
+
+    base, loras, _ = parts
+    config = AutoConfig.from_pretrained(base)
+    gate = tmp_path / name
+    torch.save(tiny_original_gate(config.num_hidden_layers, 2, config.hidden_size), gate)
+    out = tmp_path / "m"
+    assert main(["export", str(out), "--base-model", str(base), "--loras", *map(str, loras), "--gate", str(gate),
+                 *flags]) == 0
+    assert json.loads((out / "config.json").read_text())["loraflow"]["temperature"] == want
+    assert f"gate temperature {want}" in capsys.readouterr().err
+
+
 def test_refuses_what_a_folder_cannot_represent(parts, tmp_path):
     base, loras, gate = parts
     # a LoRA whose rank differs in one layer
