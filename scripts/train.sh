@@ -32,6 +32,7 @@
 #   FSDP        [0]                           1 = shard the frozen base over the processes (FSDP2)
 #   NPROC       [1]                           CPU processes when there is no GPU
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]   passed to torchrun for multi-node runs
+#   (master_port 0 picks a free port, one node only)
 #   PYTHON      [.venv/bin/python if it exists, else python3]   the interpreter whose torch and loraflow are used
 #   TORCHRUN    [$PYTHON -m loraflow.launch]  the launcher: torchrun's, but a worker's bad-input error is printed as
 #                                             the last line (`error: ...`, exit status 2) instead of torchrun's report
@@ -65,6 +66,21 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}"
 if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m loraflow.launch); fi
+
+# master_port: a port number; 0 picks a free one on this machine (torchrun given 0 itself would hang its workers)
+case "$MASTER_PORT" in
+  ''|*[!0-9]*) echo "error: master_port (argument 5) must be a port number 1-65535, or 0 for a free one; got '$MASTER_PORT'" >&2; exit 2 ;;
+esac
+if [ "$((10#$MASTER_PORT))" -gt 65535 ]; then
+  echo "error: master_port (argument 5) must be a port number 1-65535, or 0 for a free one; got '$MASTER_PORT'" >&2; exit 2
+fi
+if [ "$((10#$MASTER_PORT))" = 0 ]; then
+  if [ "$NNODES" != 1 ]; then
+    echo "error: master_port 0 (a free port) needs NNODES=1: every node must be given the same port, got NNODES=$NNODES" >&2; exit 2
+  fi
+  MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  echo "[train.sh] master_port 0: using the free port $MASTER_PORT" >&2
+fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   DEVICE=cuda

@@ -72,6 +72,33 @@ def test_scripts_default_to_the_venv_python_else_python3(repo, tmp_path, script)
     assert all(c.startswith(f"{chosen} ") for c in log.read_text().splitlines())
 
 
+@pytest.mark.parametrize("port", ["abc", "70000", "-1", ""])
+def test_train_sh_refuses_a_bad_master_port(repo, tmp_path, port):
+    log = tmp_path / "calls.log"
+    _recorder(repo / ".venv" / "bin" / "python", log)
+    proc = subprocess.run(["bash", str(repo / "scripts" / "train.sh"), "zh", "math", "1e-3", "2", port], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: master_port (argument 5)"), proc.stderr
+    assert repr(port)[1:-1] in proc.stderr
+    assert not log.exists() or "loraflow.cli train" not in log.read_text()
+
+
+def test_train_sh_master_port_0_picks_a_free_port(repo, tmp_path):
+    """torchrun itself hangs its workers on --master_port 0: the script asks the OS for a free port instead, and
+    refuses 0 on several nodes (they must agree on one port)."""
+    env = {**os.environ, "PYTHON": shutil.which("python3"), "TORCHRUN": "echo"}
+    proc = subprocess.run(["bash", str(repo / "scripts" / "train.sh"), "zh", "math", "1e-3", "2", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    port = int(proc.stdout.split("--master_port ")[1].split()[0])
+    assert 0 < port <= 65535
+    assert f"using the free port {port}" in proc.stderr
+    proc = subprocess.run(["bash", str(repo / "scripts" / "train.sh"), "zh", "math", "1e-3", "2", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env={**env, "NNODES": "2"})
+    assert proc.returncode == 2 and "needs NNODES=1" in proc.stderr
+
+
 # ------------------------------------------------------------------------------ setup_env.sh: pins, torch index
 
 def _fake_setup_python(path: Path, log: Path) -> Path:
