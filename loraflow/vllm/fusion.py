@@ -36,11 +36,33 @@ class FlowGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k, dtype=torch.float32), requires_grad=False)
         self.temperature = float(temperature)
 
+        self.weight_t = None  # (W / T)^T, contiguous (finish)
+        self.scale_matrix = self.scale_bias = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.to(torch.float32), self.weight)  # (tokens, k)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return torch.softmax(logits, dim=-1) + self.bias
+
+    def finish(self, scale_matrix: torch.Tensor) -> None:
+        """After loading: fold 1/T into W, and b into the layer's column scales (b @ scale_matrix), so that
+        `column_scales` is three kernels (on CPU vLLM runs eagerly and each small op costs as much as it computes).
+        The arithmetic differs from `forward` only in rounding."""
+        self.weight_t = (self.weight.data / self.temperature).t().contiguous()
+        self.scale_matrix = scale_matrix
+        self.scale_bias = self.bias.data @ scale_matrix
+
+    def column_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """w @ scale_matrix, w = softmax(W x / T) + b: every LoRA rank column's scale for each token, fp32."""
+        if self.weight_t is None:
+            raise RuntimeError("loraflow: FlowGate.finish was not called after loading the gate")
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        p = torch.softmax(x @ self.weight_t, dim=-1)
+        if p.dim() == 2:
+            return torch.addmm(self.scale_bias, p, self.scale_matrix)
+        return self.scale_bias + p @ self.scale_matrix
 
 
 class _StackedLoRA(nn.Module):
