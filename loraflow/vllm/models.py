@@ -79,6 +79,40 @@ class FlowLayerMixin:
                     module = ColumnLoRA(base.input_size, list(base.output_partition_sizes), segments, static,
                                         k=block["k"])
             setattr(self, name, module)
+        # every LoRA term of the layer scales its rank columns by the same w: one matmul gives all their scales
+        self.fusion_terms = [name for name in GROUPS if getattr(self, name) is not None]
+        present = [getattr(self, name) for name in self.fusion_terms]
+        self.fusion_scale_splits = [m.rank for m in present]
+        self.fusion_static_scales = None  # static/single: the constant scales per term, in the model's dtype
+        if present and self.fusion_flow:
+            self.register_buffer("fusion_scale_matrix", torch.cat([m.scale_matrix for m in present], dim=1),
+                                 persistent=False)
+        elif present:
+            self.register_buffer("fusion_scale_matrix", torch.cat([m.static_scale for m in present]),
+                                 persistent=False)
+
+    def finish_fusion(self) -> None:
+        """After loading: the gate's constants (it folds 1/T and b into its matmuls) and the static scales."""
+        if not self.fusion_scale_splits:
+            return
+        if self.fusion_flow:
+            self.lora_fusion_gate.finish(self.fusion_scale_matrix)
+        else:
+            dtype = getattr(self, self.fusion_terms[0]).lora_B.dtype  # the model's
+            parts = self.fusion_scale_matrix.to(dtype).split(self.fusion_scale_splits)
+            self.fusion_static_scales = dict(zip(self.fusion_terms, parts))
+
+    def _fusion_scales(self, x: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Each present LoRA term's column scales, (tokens, R) for flow (from the layer input x), (R,) for
+        static/single, in `dtype`."""
+        if not self.fusion_scale_splits:
+            return {}
+        if not self.fusion_flow:
+            return self.fusion_static_scales
+        scale = self.lora_fusion_gate.column_scales(x)
+        if scale.dtype != dtype:
+            scale = scale.to(dtype)
+        return dict(zip(self.fusion_terms, scale.split(self.fusion_scale_splits, dim=-1)))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **_) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,27 +122,27 @@ class FlowLayerMixin:
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         # residual is now this layer's input x_l (tokens, hidden): the gate's input
-        w = self.lora_fusion_gate(residual) if self.fusion_flow else None  # (tokens, k) fp32
+        scales = self._fusion_scales(residual, hidden_states.dtype)  # flow: from w = the gate on x_l, fp32
         attn = self.self_attn
-        qkv, _ = attn.qkv_proj(hidden_states)
+        qkv, _ = attn.qkv_proj(hidden_states)  # with A x in its last columns where A is fused into the base
         if self.qkv_lora is not None:
-            qkv = self.qkv_lora(hidden_states, qkv, w)
+            qkv = self.qkv_lora.forward(hidden_states, qkv, scales["qkv_lora"])
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
         attn_output = attn.attn(q, k, v)
         hidden_states, _ = attn.o_proj(attn_output)
         if self.o_lora is not None:
-            hidden_states = self.o_lora(attn_output, hidden_states, w)
+            hidden_states = self.o_lora.forward(attn_output, hidden_states, scales["o_lora"])
 
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         mlp = self.mlp
         gate_up, _ = mlp.gate_up_proj(hidden_states)
         if self.gate_up_lora is not None:
-            gate_up = self.gate_up_lora(hidden_states, gate_up, w)
+            gate_up = self.gate_up_lora.forward(hidden_states, gate_up, scales["gate_up_lora"])
         act = mlp.act_fn(gate_up)
         hidden_states, _ = mlp.down_proj(act)
         if self.down_lora is not None:
-            hidden_states = self.down_lora(act, hidden_states, w)
+            hidden_states = self.down_lora.forward(act, hidden_states, scales["down_lora"])
         return hidden_states, residual
 
 
@@ -179,6 +213,8 @@ def load_fusion_weights(model: nn.Module, folder: str) -> set[str]:
                         module.load(i, _shard_columns(linear, a), b)
                     else:
                         module.load(s, i, a, _shard_rows(linear, projection, b))
+            module.finish(linear)  # B^T once; A into the base weight (before vLLM packs it, after this loader)
+        layer.finish_fusion()
     return {name for name, _ in model.named_parameters()
             if "lora_fusion_gate." in name or any(f".{g}." in name for g in GROUPS)}
 
