@@ -28,7 +28,8 @@ from torch import nn
 
 
 class FlowGate(nn.Module):
-    """w = softmax(W x / T) + b from the layer input x; fp32, replicated over tensor-parallel ranks."""
+    """w = softmax(W x / T) + b from the layer input x; fp32, replicated over tensor-parallel ranks. The layer uses
+    it as `column_scales` (w times each rank column's scaling), which needs `finish` after the gate is loaded."""
 
     def __init__(self, hidden_size: int, k: int, temperature: float):
         super().__init__()
@@ -38,12 +39,6 @@ class FlowGate(nn.Module):
 
         self.weight_t = None  # (W / T)^T, contiguous (finish)
         self.scale_matrix = self.scale_bias = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.to(torch.float32), self.weight)  # (tokens, k)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return torch.softmax(logits, dim=-1) + self.bias
 
     def finish(self, scale_matrix: torch.Tensor) -> None:
         """After loading: fold 1/T into W, and b into the layer's column scales (b @ scale_matrix), so that
