@@ -87,7 +87,6 @@ class _StackedLoRA(nn.Module):
         for c, (i, scale) in enumerate(columns):
             matrix[i, c] = scale
         self.register_buffer("scale_matrix", matrix, persistent=False)
-        self.static = static is not None
         if static is not None:  # static/single: the column scales never change; computed once, fp32 as FlowModel
             self.register_buffer("static_scale", torch.tensor(static, dtype=torch.float32) @ matrix,
                                  persistent=False)
