@@ -68,7 +68,8 @@ PYTHON="${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/b
 if [ -n "${TORCHRUN:-}" ]; then read -r -a LAUNCHER <<< "$TORCHRUN"; else LAUNCHER=("$PYTHON" -m loraflow.launch); fi
 
 # master_port: a port number; 0 picks a free one on this machine (torchrun given 0 itself would hang its workers)
-case "$MASTER_PORT" in ''|*[!0-9]*) PORT_OK=0 ;; *) PORT_OK=$(( 10#$MASTER_PORT <= 65535 )) ;; esac
+# (more than 5 digits is refused before the arithmetic, which would overflow on ~19)
+case "$MASTER_PORT" in ''|*[!0-9]*|??????*) PORT_OK=0 ;; *) PORT_OK=$(( 10#$MASTER_PORT <= 65535 )) ;; esac
 if [ "$PORT_OK" != 1 ]; then
   echo "error: master_port (argument 5) must be a port number 1-65535, or 0 for a free one; got '$MASTER_PORT'" >&2; exit 2
 fi

@@ -72,7 +72,7 @@ def test_scripts_default_to_the_venv_python_else_python3(repo, tmp_path, script)
     assert all(c.startswith(f"{chosen} ") for c in log.read_text().splitlines())
 
 
-@pytest.mark.parametrize("port", ["abc", "70000", "-1", ""])
+@pytest.mark.parametrize("port", ["abc", "70000", "-1", "", "18446744073709551617"])
 def test_train_sh_refuses_a_bad_master_port(repo, tmp_path, port):
     log = tmp_path / "calls.log"
     _recorder(repo / ".venv" / "bin" / "python", log)
