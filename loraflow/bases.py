@@ -86,8 +86,10 @@ def _from_pretrained(auto_class, what: str, base, gguf_file: str | None, need_co
 
         require_gguf()
         kwargs = {**kwargs, "gguf_file": gguf_file}
+    # a GGUF file's metadata can also fail as KeyError (an unknown field) or RuntimeError (an unknown tensor type)
+    errors = (OSError, ValueError, KeyError, RuntimeError) if gguf_file is not None else (OSError, ValueError)
     try:
         return auto_class.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except errors as e:
         raise LoraflowError(f"cannot load {what} {base}: {first_line(e)}") from None
 

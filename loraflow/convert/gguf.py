@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loraflow import __version__
-from loraflow.errors import LoraflowError, first_line
+from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json, sha256_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,45 +45,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def split_gguf_path(path: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str]:
-    """(folder or hub id, file name) as transformers wants them: `FILE.gguf` alone, or a folder/hub id + a name."""
-    if gguf_file is None:
-        path = Path(path)
-        if not path.is_file():
-            raise LoraflowError(f"{path}: no such GGUF file")
-        return str(path.parent), path.name
-    if Path(path).is_dir() and not (Path(path) / gguf_file).is_file():
-        raise LoraflowError(f"{Path(path) / gguf_file}: no such GGUF file")
-    return str(path), gguf_file
-
-
-def load_gguf_model(path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype | None = None,
-                    **kwargs):
-    """A causal LM from a GGUF file, dequantized (to fp32, or `dtype`); plain Linear layers, ready to fuse."""
-    from transformers import AutoModelForCausalLM
-
-    require_gguf()
-    folder, name = split_gguf_path(path, gguf_file)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise LoraflowError(f"cannot load the GGUF model {Path(folder) / name}: {first_line(e)}") from None
-
-
-def load_gguf_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
-    """The tokenizer (vocabulary, merges, special tokens, chat template) stored in a GGUF file's metadata."""
-    from transformers import AutoTokenizer
-
-    require_gguf()
-    folder, name = split_gguf_path(path, gguf_file)
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, KeyError) as e:
-        raise LoraflowError(f"cannot load the tokenizer of {Path(folder) / name}: {first_line(e)}") from None
-
-
 def dequantized_for_saving(model) -> None:
     """Drop the GGUF quantization marks (in place) so `save_pretrained` writes the float tensors as they are."""
     model.hf_quantizer = None
@@ -91,20 +52,19 @@ def dequantized_for_saving(model) -> None:
         del model.config.quantization_config
 
 
-
-
 def convert_gguf_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
                        force: bool = False) -> str:
     """GGUF file -> Hugging Face folder (config.json, model.safetensors, tokenizer, generation config, and
     `gguf_source.json` naming the GGUF and its sha256). Staged: nothing appears at OUT until it is complete.
     Returns the publish status ("written", "unchanged", "replaced")."""
+    from loraflow.bases import load_base_model, load_base_tokenizer
     from loraflow.convert.shards import staged_output
 
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise LoraflowError(f"{src}: no such GGUF file")
-    tokenizer = load_gguf_tokenizer(src)
-    model = load_gguf_model(src, dtype=dtype)
+    tokenizer = load_base_tokenizer(src)  # the one loading route (loraflow.bases), as for every --base-model
+    model = load_base_model(src, **({"dtype": dtype} if dtype is not None else {}))
     dequantized_for_saving(model)
     with staged_output(out, force) as stage:
         model.save_pretrained(stage.path)
