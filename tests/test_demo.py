@@ -15,7 +15,7 @@ import torch
 
 from loraflow.cli import main
 from loraflow.demo.pipeline import LORA_NAMES, METHOD_LABELS, METHODS, DemoConfig
-from loraflow.demo.training import encode, world_tokenizer
+from loraflow.demo.training import LoopConfig, base_config, encode, pretrain_base, world_tokenizer
 from loraflow.demo.world import ADD_VERBS, World, dataset
 from loraflow.errors import LoraflowError
 
@@ -90,6 +90,43 @@ def test_problems_are_consistent():
             value += n if verb in ADD_VERBS else -n
             assert 0 <= value <= 20
         assert value == p.answer
+
+
+def test_composite_answer_tokens_each_come_from_one_skill():
+    """The English solution is the equations and "the answer is N"; the L solution is the same equations and L's
+    answer phrase with the L number word: no L word outside the answer phrase, no digit outside the equations."""
+    world = World(0)
+    rng = random.Random(0)
+    for _ in range(20):
+        p = world.sample_problem(rng)
+        equations = [w for eq in p.equations for w in (*eq.words(), ".")]
+        en = world.realize(world.solution(p), "en").split()
+        xx = world.realize(world.solution(p), "xx").split()
+        assert en == [*equations, "the", "answer", "is", str(p.answer), "."]
+        assert xx[:len(equations)] == equations
+        tail = xx[len(equations):-1]
+        assert all(world.language_of(w) == "xx" for w in tail) and world.numerals[str(p.answer)] in tail
+        assert world.l_answer(" ".join(xx)) == p.answer
+
+
+def test_pretrained_base_reads_l_words_with_their_english_words_vectors():
+    """`shared_inputs`: each L word's input embedding is its English word's from start to end of the pretraining
+    (the rows stay bit-identical), while the output embeddings are trained apart, so the base still writes either."""
+    world = World(0)
+    tok = world_tokenizer(world.vocabulary())
+    vocab = tok.get_vocab()
+    pairs = [(vocab[en], vocab[xx]) for en, xx in world.translation_pairs()]
+    corpus = dataset(world, "plain-en", 16, seed=0) + dataset(world, "plain-xx", 16, seed=0)
+    config = base_config(len(tok), 32, 1, 2)
+    model, losses = pretrain_base(config, corpus, tok, LoopConfig(6, 8, 3e-3, seed=0), shared_inputs=pairs)
+    first, second = (torch.tensor(ids) for ids in zip(*pairs))
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert torch.equal(emb[first], emb[second])
+    assert not torch.equal(out[first], out[second])
+    plain, _ = pretrain_base(config, corpus, tok, LoopConfig(6, 8, 3e-3, seed=0))
+    assert not torch.equal(plain.get_input_embeddings().weight[first], plain.get_input_embeddings().weight[second])
+    assert not torch.equal(plain.get_input_embeddings().weight, emb)  # the tie changed what was trained
+    assert len(losses) == 6
 
 
 def test_demo_config_refuses_bad_values():

@@ -5,7 +5,8 @@
   work too, but it makes every sequence ~5x longer and makes the tiny model spell invented words letter by letter;
   one token per word leaves its capacity for the two skills.
 - `pretrain_base`: a small `LlamaForCausalLM` trained from scratch on plain text (English, some of the other
-  language, a little parallel text) -- no chat, no word problems.
+  language, a little parallel text) -- no chat, no word problems -- with each L word's input embedding shared with
+  its English word's.
 - `train_lora`: a PEFT LoRA on all seven projections, trained on one skill's chat data, saved in PEFT format.
 
 Chat examples go through loraflow's own data layer (`data.training_example` with the `chat-template` prompt
@@ -129,13 +130,37 @@ def base_config(vocab_size: int, hidden: int, layers: int, heads: int, max_posit
                        tie_word_embeddings=False, rms_norm_eps=1e-5)
 
 
-def pretrain_base(config, corpus: Sequence[dict], tokenizer, loop: LoopConfig):
-    """A randomly initialised LlamaForCausalLM trained on `corpus` (dicts with "text"); returns (model, losses)."""
+def pretrain_base(config, corpus: Sequence[dict], tokenizer, loop: LoopConfig,
+                  shared_inputs: Sequence[tuple[int, int]] = ()):
+    """A randomly initialised LlamaForCausalLM trained on `corpus` (dicts with "text"); returns (model, losses).
+
+    `shared_inputs`: (id, id) pairs whose input embeddings are one vector, from the start to the end of the training
+    (both rows get the sum of their gradients, so AdamW moves them alike); the output embeddings stay apart, so the
+    model still chooses which of the two to write. The demo pairs every L word with its English word: the base then
+    reads L word by word as English, and what it learns to read in one language it reads in the other."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(loop.seed)
     model = LlamaForCausalLM(config)
-    losses = train_loop(model, list(model.parameters()), corpus, tokenizer, loop, "pretrain base")
+    handle = None
+    if shared_inputs:
+        first, second = (torch.tensor(ids) for ids in zip(*shared_inputs))
+        weight = model.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[second] = weight[first]
+
+        def tie(grad):
+            grad = grad.clone()
+            grad[first] += grad[second]
+            grad[second] = grad[first]
+            return grad
+
+        handle = weight.register_hook(tie)
+    try:
+        losses = train_loop(model, list(model.parameters()), corpus, tokenizer, loop, "pretrain base")
+    finally:
+        if handle is not None:
+            handle.remove()
     return model.cpu(), losses
 
 

@@ -15,8 +15,12 @@ Two skills, each learnable from its own data only:
   writes one equation per step and ends with "the answer is N".
 
 The **composite** task needs both at different tokens: the same problems posed in L and answered with the worked
-solution in L -- L words around each equation, the equations themselves (digits, + - =) being the task skill --
-ending in L's "the answer is" phrase and N. This is the regime where LoRA-Flow claims to beat static fusion.
+solution in L -- the equations (digits, + - =: the task skill) and then L's "the answer is" phrase with N as an L
+number word (the language skill). This is the regime where LoRA-Flow claims to beat static fusion.
+
+The base model reads L word by word as it reads English (`World.translation_pairs`: each L word's input embedding
+is its English word's, an L number word's is its digit's; see `loraflow.demo.training.pretrain_base`), as Llama-2
+reads Chinese well enough; L's verb-final order, and writing L, remain the language skill.
 
 Everything is lower case and pre-tokenised (single spaces between words and punctuation), so a word-level
 tokenizer built from `World.vocabulary()` round-trips every text exactly. Numbers stay small (operands 1-9,
@@ -163,6 +167,10 @@ class World:
     def _l_words(self) -> set[str]:
         return set(self.lexicon.values()) | set(self.numerals.values())
 
+    def translation_pairs(self) -> list[tuple[str, str]]:
+        """(English word, L word) for every translated word, and (digit, L number word) for every number."""
+        return [*self.lexicon.items(), *self.numerals.items()]
+
     def l_answer(self, text: str) -> int | None:
         """The composite answer: the value of the last L number word of `text` (None when it has none). A digit
         answer does not count: the question's numbers are L words, and so must the answer be."""
@@ -207,11 +215,13 @@ class World:
         return parts
 
     def solution(self, p: Problem) -> list:
-        """`name has a obj .` then per step `pron verb n , so` + equation + `.`, then the answer clause."""
-        pron = NAMES[p.name]
-        parts = [Clause((p.name,), ("has",), (str(p.start), p.obj))]
-        for (verb, n), eq in zip(p.steps, p.equations):
-            parts += [Clause((pron,), (verb,), (str(n),), end=","), Clause(("so",), (), end=""), eq, _END]
+        """The worked solution: one equation per step, then the answer clause (`9 - 3 = 6 . 6 + 2 = 8 . the answer
+        is 8 .`). In L only the answer clause is L (`<the> <answer> <eight> <is> .`), so every token of a composite
+        answer is one that a single skill writes: the equations the task skill, the L answer phrase and its L number
+        word the language skill."""
+        parts: list = []
+        for eq in p.equations:
+            parts += [eq, _END]
         parts.append(_answer_clause(p.answer))
         return parts
 
