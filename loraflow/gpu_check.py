@@ -12,7 +12,9 @@ Checks, each with its own time limit, then one summary table; the exit status is
 - `fsdp`: FSDP2 (`shard_fsdp`) on one GPU under torchrun (nccl; gloo in the dry run): the sharded step equals the
   unsharded one;
 - `bench`: `loraflow bench all --quick` on CUDA (the dry run: the `layer` part only, on the CPU);
-- `vllm`: `python -m loraflow.vllm.check` when vLLM and that module are installed; skipped otherwise.
+- `vllm`: when vLLM is installed, `python -m loraflow.vllm.check selftest` (vLLM's greedy tokens equal
+  FlowModel's) at TP = 1 and, on two or more GPUs, TP = 2; then `loraflow bench vllm` on a random Llama
+  (`VLLM_BENCH_SHAPE`): flow/base in vLLM and vLLM/HF, the speed targets' GPU numbers. Skipped without vLLM.
 
 The models are tiny random Llamas with two random LoRAs built in-process (`loraflow.tiny`): nothing is downloaded.
 """
@@ -39,7 +41,8 @@ import torch
 # even against an fp32 model holding the same bf16-rounded weights. A wrong cast or a lost gradient path is far
 # outside these; NaN fails them all.
 LOSS_RTOL, UPDATE_RTOL, MIN_COSINE, MIN_AGREEMENT, FSDP_RTOL = 2e-2, 0.2, 0.98, 0.9, 1e-4
-LIMITS = {"fsdp": 180, "bench": 300, "vllm": 240}  # seconds, for the checks run as subprocesses
+LIMITS = {"fsdp": 180, "bench": 300, "vllm": 300}  # seconds, for the checks run as subprocesses (vllm: each)
+VLLM_BENCH_SHAPE = "hidden=1024,layers=8,heads=16,kv_heads=4,vocab=32000"  # about 0.1B parameters
 MODEL = dict(hidden=256, layers=4, heads=4, kv_heads=2, vocab=260)
 
 
@@ -190,8 +193,23 @@ def check_bench(device: torch.device, tmp: Path, dry_run: bool) -> str:
     return f"bench all --quick{' --parts layer' if dry_run else ''}: {', '.join(sorted(result.get('parts', {})))}"
 
 
-def check_vllm(dry_run: bool) -> str | None:
-    """None (skipped) unless vLLM and loraflow.vllm.check are installed and a GPU is there."""
+def vllm_commands(tmp: Path, gpus: int) -> dict[str, list[str]]:
+    """The vLLM checks of a CUDA machine, by name: the selftest (vLLM's greedy tokens equal FlowModel's on a tiny
+    flow model) at TP = 1, and at TP = 2 where there are two GPUs; then `loraflow bench vllm` on a random Llama of
+    `VLLM_BENCH_SHAPE` (base vs flow in vLLM at batch 1 and 16, vLLM vs the HF path on the GPU at batch 16)."""
+    check = [sys.executable, "-m", "loraflow.vllm.check", "selftest"]
+    commands = {"TP=1": check}
+    if gpus >= 2:
+        commands["TP=2"] = [*check, "--tensor-parallel-size", "2"]
+    commands["bench"] = [sys.executable, "-m", "loraflow.vllm.bench", "--random-shape", VLLM_BENCH_SHAPE,
+                         "--batches", "1,16", "--new-tokens", "64", "--rounds", "3",
+                         "--json", str(tmp / "vllm-bench.json")]
+    return commands
+
+
+def check_vllm(dry_run: bool, tmp: Path) -> str | None:
+    """None (skipped) unless vLLM and loraflow.vllm are installed and a GPU is there; else each of
+    `vllm_commands`' results in one line (a selftest mismatch exits 1, which fails the check)."""
     if dry_run:
         return None
     if importlib.util.find_spec("vllm") is None:
@@ -201,7 +219,18 @@ def check_vllm(dry_run: bool) -> str | None:
             return None
     except ModuleNotFoundError:
         return None
-    return _run([sys.executable, "-m", "loraflow.vllm.check"], LIMITS["vllm"]).strip().splitlines()[-1][:200]
+    details = []
+    for name, cmd in vllm_commands(tmp, torch.cuda.device_count()).items():
+        out = _run(cmd, LIMITS["vllm"])
+        if name == "bench":
+            result = json.loads((tmp / "vllm-bench.json").read_text())
+            ratios = result["flow_over_base"]
+            details.append("bench: flow/base " + " / ".join(f"{ratios[b]:.2f} (batch {b})" for b in ratios)
+                           + "".join(f", vLLM/HF {v:.1f}x (batch {b})" for b, v in result.get("vllm_over_hf",
+                                                                                             {}).items()))
+        else:
+            details.append(out.strip().splitlines()[-1].removeprefix("loraflow vLLM selftest ")[:120])
+    return "; ".join(details)
 
 
 def _run(cmd: list[str], timeout: int) -> str:
@@ -229,7 +258,7 @@ def run_checks(dry_run: bool, skip: set[str] = frozenset()) -> list[Result]:
             "generate": lambda: check_generate(device, low, tmp),
             "fsdp": lambda: check_fsdp(device, tmp),
             "bench": lambda: check_bench(device, tmp, dry_run),
-            "vllm": lambda: check_vllm(dry_run),
+            "vllm": lambda: check_vllm(dry_run, tmp),
         }
         for name, check in checks.items():
             start = time.monotonic()

