@@ -1,6 +1,6 @@
 """`scripts/gpu_check.sh`: one command that exercises the CUDA paths the CPU test suite cannot, on one GPU.
 
-    python -m loraflow.gpu_check              # on a CUDA machine: every check, at most ~8 minutes
+    python -m loraflow.gpu_check              # on a CUDA machine: every check, about 8 minutes (limits: see LIMITS)
     python -m loraflow.gpu_check --dry-run    # the CPU-safe parts on the CPU (CI runs this)
 
 Checks, each with its own time limit, then one summary table; the exit status is 1 if any check failed:
