@@ -134,14 +134,15 @@ class _EngineProcess:
         self.conn.close()
 
 
-def _hf_decoder(folder, prompts: dict[int, list[list[int]]], new_tokens: int):
-    """`FlowModel.generate` on the folder (this process): a callable decoding `prompts[batch]`, greedy, exactly
-    `new_tokens` per prompt (EOS ignored, as vLLM's side)."""
+def _hf_decoder(folder, prompts: dict[int, list[list[int]]], new_tokens: int, dtype: str):
+    """`FlowModel.generate` on the folder (this process, vLLM's device and dtype): a callable decoding
+    `prompts[batch]`, greedy, exactly `new_tokens` per prompt (EOS ignored, as vLLM's side)."""
     import torch
 
     from loraflow.fusion.model import FlowModel
 
-    flow = FlowModel.from_pretrained(folder, device="cuda" if torch.cuda.is_available() else None)  # as vLLM's
+    flow = FlowModel.from_pretrained(folder, torch_dtype=getattr(torch, dtype),
+                                     device="cuda" if torch.cuda.is_available() else None)
 
     def decode(batch: int) -> None:
         ids = torch.tensor(prompts[batch], device=flow.device)
@@ -215,7 +216,7 @@ def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int =
             for side, folder in (("base", base_model), ("flow", flow)):
                 engines[side] = _EngineProcess(ctx, side, folder, dtype, prompt_tokens + new_tokens + 8, threads,
                                                prompts, new_tokens, engine_kwargs)
-            hf_decode = _hf_decoder(flow, prompts, new_tokens) if hf else None  # while the engines load
+            hf_decode = _hf_decoder(flow, prompts, new_tokens, dtype) if hf else None  # while the engines load
             for engine_process in engines.values():
                 engine_process.wait_ready()
             for batch in batches:

@@ -27,8 +27,8 @@ DEFAULT_MAX_MODEL_LEN = 512
 def engine(folder: str | os.PathLike, dtype: str = "float32", tensor_parallel_size: int = 1,
            max_model_len: int = DEFAULT_MAX_MODEL_LEN, **kwargs):
     """A vLLM `LLM` for a model folder: eager on CPU unless `enforce_eager=False` is passed (vLLM's CPU backend
-    can compile with inductor, but that takes a minute per engine and decoded the flow model more slowly than eager
-    here: `loraflow bench vllm --compile`); vLLM's default (compiled, CUDA graphs) on GPUs."""
+    compiles with inductor, which costs about a minute more per engine and pays off only for a long-lived one:
+    `loraflow bench vllm --compile`); vLLM's default (compiled, CUDA graphs) on GPUs."""
     from vllm import LLM
 
     from loraflow.vllm import register
