@@ -208,7 +208,7 @@ def bench_vllm(base_model: str | None = None, batches=(1, 16), new_tokens: int =
                   "vllm_base": {}, "vllm_flow": {},
                   "flow_over_base": {}, "flow_over_base_rounds": {}}
         ctx = multiprocessing.get_context("spawn")  # vLLM's own rule for CPU workers
-        engine_kwargs = {"enforce_eager": False} if compiled else {}
+        engine_kwargs = {"compiled": compiled}
         if torch.cuda.is_available():  # two engines on one GPU: vLLM's default takes 90% of its memory for one
             engine_kwargs["gpu_memory_utilization"] = GPU_MEMORY_PER_ENGINE
         engines = {}

@@ -25,10 +25,10 @@ DEFAULT_MAX_MODEL_LEN = 512
 
 
 def engine(folder: str | os.PathLike, dtype: str = "float32", tensor_parallel_size: int = 1,
-           max_model_len: int = DEFAULT_MAX_MODEL_LEN, **kwargs):
-    """A vLLM `LLM` for a model folder: eager on CPU unless `enforce_eager=False` is passed (vLLM's CPU backend
-    compiles with inductor, which costs about a minute more per engine and pays off only for a long-lived one:
-    `loraflow bench vllm --compile`); vLLM's default (compiled, CUDA graphs) on GPUs."""
+           max_model_len: int = DEFAULT_MAX_MODEL_LEN, compiled: bool = False, **kwargs):
+    """A vLLM `LLM` for a model folder: eager on CPU unless `compiled` (vLLM's CPU backend compiles with inductor,
+    which costs about a minute more per engine and pays off only for a long-lived one: `loraflow bench vllm
+    --compile`); vLLM's default (compiled, CUDA graphs) on GPUs."""
     from vllm import LLM
 
     from loraflow.vllm import register
@@ -36,7 +36,7 @@ def engine(folder: str | os.PathLike, dtype: str = "float32", tensor_parallel_si
     register()  # the entry point does this too; explicit for a loraflow checkout that is not pip-installed
     import torch
 
-    if not torch.cuda.is_available():
+    if not compiled and not torch.cuda.is_available():
         kwargs.setdefault("enforce_eager", True)
     if tensor_parallel_size == 1:  # the worker in this process: one vLLM import instead of three (spawned) ones
         kwargs.setdefault("distributed_executor_backend", "uni")
@@ -121,8 +121,7 @@ def selftest(tensor_parallel_size: int = 1, dtype: str = "float32", max_tokens: 
         folder = export_model_folder(Path(tmp) / "flow", str(base), [str(p) for p in loras], gate=gate,
                                      temperature=default_temperature("zh", "math"))  # a T != 1 gate
         prompts = prompt_ids()
-        extra = {"enforce_eager": False} if compiled else {}
-        got = run_folders([folder], prompts, max_tokens, dtype=dtype, **extra,
+        got = run_folders([folder], prompts, max_tokens, dtype=dtype, compiled=compiled,
                           tensor_parallel_size=tensor_parallel_size)[str(folder)]
         device = "cuda" if tensor_parallel_size > 1 or _cuda() else None
         want = flow_reference(folder, prompts, max_tokens, dtype=dtype, device=device)
@@ -162,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return selftest(args.tensor_parallel_size, args.dtype, compiled=args.compile)
     from loraflow.files import atomic_write_json, read_json
 
-    extra = {"enforce_eager": False} if args.compile else {}
     result = run_folders(args.model, read_json(args.prompts), args.max_tokens, dtype=args.dtype,
-                         tensor_parallel_size=args.tensor_parallel_size, **extra)
+                         tensor_parallel_size=args.tensor_parallel_size, compiled=args.compile)
     atomic_write_json(args.out, result)
     return 0
 
